@@ -1,0 +1,58 @@
+"""Commit a PostgreSQL transaction and a Kafka transaction together.
+
+::
+
+    from coordinator import Coordinator, Status
+
+    with Coordinator(postgres=DSN, kafka={"bootstrap.servers": BROKERS}, name="orders") as coord:
+        with coord.transaction(idempotency_key="order-42") as tx:
+            tx.execute("INSERT INTO orders (id, total) VALUES (%s, %s)", (42, 10))
+            tx.produce("orders.events", value=b'{"id": 42}', key=b"42")
+        assert tx.status is Status.COMMITTED
+"""
+
+from ._coordinator import Coordinator, Transaction
+from ._enums import Phase, Status
+from .config import CoordinatorConfig, GroupCommit, RetryPolicy
+from .decision_log import DecisionRecord, DecisionTopic
+from .errors import (
+    AlreadyCommitted,
+    CommittedPendingRecovery,
+    ConfigurationError,
+    DecisionTopicMisconfigured,
+    Error,
+    IdempotencyKeyBusy,
+    OutcomeUnknown,
+    PreparedTransactionsDisabled,
+    PrepareForbidden,
+    RolledBack,
+    ServiceUnavailable,
+    UsageError,
+)
+from .gid import Gid, InvalidGid
+
+__all__ = [
+    "AlreadyCommitted",
+    "CommittedPendingRecovery",
+    "ConfigurationError",
+    "Coordinator",
+    "CoordinatorConfig",
+    "DecisionRecord",
+    "DecisionTopic",
+    "DecisionTopicMisconfigured",
+    "Error",
+    "Gid",
+    "GroupCommit",
+    "IdempotencyKeyBusy",
+    "InvalidGid",
+    "OutcomeUnknown",
+    "Phase",
+    "PrepareForbidden",
+    "PreparedTransactionsDisabled",
+    "RetryPolicy",
+    "RolledBack",
+    "ServiceUnavailable",
+    "Status",
+    "Transaction",
+    "UsageError",
+]

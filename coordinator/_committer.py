@@ -1,0 +1,76 @@
+"""How a prepared transaction reaches the Kafka commit point.
+
+A committer hands out a :class:`Ticket` before PREPARE (the ticket fixes the
+producer slot, hence the gid) and, once PostgreSQL has prepared, commits the
+transaction's messages and decision record in a Kafka transaction.
+:class:`PerOperationCommitter` runs one Kafka transaction per operation;
+the group committer (``_group.py``) shares one among concurrent operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from ._kafka import KafkaResult, ProducerPool, ProducerSlot, StagedMessage, run_transaction
+from .config import RetryPolicy
+from .decision_log import DecisionRecord
+
+__all__ = ["Committer", "PerOperationCommitter", "Ticket"]
+
+
+class Ticket(Protocol):
+    @property
+    def slot(self) -> ProducerSlot: ...
+
+    def commit(
+        self, messages: Sequence[StagedMessage], decision: DecisionRecord
+    ) -> KafkaResult: ...
+
+    def cancel(self) -> None: ...
+
+
+class Committer(Protocol):
+    def join(self, timeout: float) -> Ticket: ...
+
+    def close(self) -> None: ...
+
+
+class _PerOpTicket:
+    def __init__(self, owner: PerOperationCommitter, slot: ProducerSlot) -> None:
+        self._owner = owner
+        self.slot = slot
+        self._done = False
+
+    def commit(self, messages: Sequence[StagedMessage], decision: DecisionRecord) -> KafkaResult:
+        try:
+            return run_transaction(
+                self.slot, messages, [decision], self._owner.decision_topic,
+                self._owner.commit_retry, self._owner.timeout, decision.gid,
+            )
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._done = True
+            self._owner.pool.release(self.slot)
+
+
+class PerOperationCommitter:
+    """One Kafka transaction per operation; the producer is held from PREPARE
+    to the Kafka commit, then released before ``COMMIT PREPARED``."""
+
+    def __init__(
+        self, pool: ProducerPool, decision_topic: str, commit_retry: RetryPolicy, timeout: float
+    ) -> None:
+        self.pool = pool
+        self.decision_topic = decision_topic
+        self.commit_retry = commit_retry
+        self.timeout = timeout
+
+    def join(self, timeout: float) -> Ticket:
+        return _PerOpTicket(self, self.pool.acquire(timeout))
+
+    def close(self) -> None:
+        pass

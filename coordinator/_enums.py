@@ -1,0 +1,49 @@
+"""Status and phase enums of a coordinated transaction."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["Phase", "Status"]
+
+
+class Status(StrEnum):
+    """Where a transaction stands in the two-phase protocol.
+
+    The happy path is ``ACTIVE -> PREPARED -> COMMITTING -> DECIDED -> COMMITTED``.
+    ``DECIDED`` means the commit point (the Kafka commit) has passed: the
+    transaction *is* committed, only PostgreSQL's ``COMMIT PREPARED`` is pending.
+    """
+
+    ACTIVE = "active"
+    """The ``with`` block is running; nothing is prepared yet."""
+    PREPARED = "prepared"
+    """PostgreSQL has prepared the transaction; Kafka not committed yet."""
+    COMMITTING = "committing"
+    """The Kafka commit (the commit point) is in flight."""
+    DECIDED = "decided"
+    """Kafka committed: the decision is commit; ``COMMIT PREPARED`` pending."""
+    COMMITTED = "committed"
+    """Both sides committed."""
+    ROLLED_BACK = "rolled_back"
+    """Neither side is, or will become, visible."""
+    IN_DOUBT = "in_doubt"
+    """The Kafka commit outcome is unknown; recovery will decide from the log."""
+
+    @property
+    def is_final(self) -> bool:
+        return self in (Status.COMMITTED, Status.ROLLED_BACK)
+
+
+class Phase(StrEnum):
+    """The protocol step an error happened in."""
+
+    STARTUP = "startup"
+    BEGIN = "begin"
+    EXECUTE = "execute"
+    PREPARE = "prepare"
+    PRODUCE = "produce"
+    KAFKA_COMMIT = "kafka_commit"
+    PG_COMMIT = "pg_commit"
+    ROLLBACK = "rollback"
+    RECOVERY = "recovery"

@@ -1,0 +1,274 @@
+"""Thin adapter over confluent-kafka's transactional producer.
+
+A :class:`ProducerPool` holds a fixed set of :class:`ProducerSlot` objects,
+each with its own stable ``transactional.id``. :func:`run_transaction` runs
+one Kafka transaction (business messages plus decision records) on a slot
+and reports a :class:`KafkaResult`; it never raises for Kafka errors, so the
+coordinator decides what follows from the outcome alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from ._errmap import describe, kafka_error_kind, kafka_error_of, kafka_startup_error
+from ._protocol import CommitAction, KafkaErrorKind, commit_action
+from .config import RetryPolicy
+from .decision_log import DecisionRecord
+
+__all__ = [
+    "KafkaOutcome",
+    "KafkaResult",
+    "ProducerPool",
+    "ProducerSlot",
+    "StagedMessage",
+    "run_transaction",
+]
+
+log = logging.getLogger("coordinator.kafka")
+
+
+@dataclass(frozen=True, slots=True)
+class StagedMessage:
+    """A message produced inside a block, held until PostgreSQL has prepared."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    partition: int | None = None
+
+
+class KafkaOutcome(StrEnum):
+    COMMITTED = "committed"
+    """The commit point has passed."""
+    FAILED_BEFORE_COMMIT = "failed_before_commit"
+    """``commit_transaction()`` was never called: the transaction cannot commit."""
+    ABORTED = "aborted"
+    """The commit failed with an abortable error and the transaction was aborted."""
+    UNKNOWN = "unknown"
+    """The commit may or may not have happened."""
+
+
+@dataclass(slots=True)
+class KafkaResult:
+    outcome: KafkaOutcome
+    error: BaseException | None = None
+    detail: str = ""
+    commit_seconds: float = 0.0
+
+
+class ProducerSlot:
+    """One transactional producer, created lazily and re-created after a fatal error."""
+
+    def __init__(
+        self, index: int, transactional_id: str, decision_partition: int,
+        conf: dict[str, Any], timeout: float,
+    ) -> None:
+        self.index = index
+        self.transactional_id = transactional_id
+        self.decision_partition = decision_partition
+        self._conf = {**conf, "transactional.id": transactional_id}
+        self._timeout = timeout
+        self._producer: Producer | None = None
+
+    def ready(self, deadline: float | None = None) -> Producer:
+        """The producer, created and ``init_transactions()``-ed when needed.
+
+        ``init_transactions()`` fences any older producer with this
+        transactional.id (aborting its open transaction, or waiting for a
+        commit it already started).
+        """
+        if self._producer is None:
+            producer = Producer(self._conf)
+            end = deadline if deadline is not None else time.monotonic() + 3 * self._timeout
+            while True:
+                try:
+                    producer.init_transactions(self._timeout)
+                    break
+                except KafkaException as exc:
+                    err = kafka_error_of(exc)
+                    if err is not None and err.retriable() and time.monotonic() < end:
+                        continue
+                    _close_quietly(producer)
+                    raise
+            self._producer = producer
+        return self._producer
+
+    def discard(self) -> None:
+        """Drop the producer after a fatal error; the next use makes a new one."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            _close_quietly(producer)
+
+    @property
+    def alive(self) -> bool:
+        return self._producer is not None
+
+
+def _close_quietly(producer: Producer) -> None:
+    try:
+        producer.purge(in_queue=True, in_flight=True, blocking=False)
+        producer.flush(0)
+        producer.close()
+    except Exception:  # closing a broken producer must not mask the real error
+        log.debug("closing a discarded producer failed", exc_info=True)
+
+
+class ProducerPool:
+    """A bounded pool of producer slots; a slot serves one transaction at a time."""
+
+    def __init__(self, slots: Sequence[ProducerSlot]) -> None:
+        self.slots = list(slots)
+        self._free: queue.SimpleQueue[ProducerSlot] = queue.SimpleQueue()
+        for slot in self.slots:
+            self._free.put(slot)
+        self._closed = threading.Event()
+
+    def start(self, deadline: float) -> None:
+        """Create every producer and fence the previous incarnation's ones."""
+        for slot in self.slots:
+            try:
+                slot.ready(deadline)
+            except KafkaException as exc:
+                raise kafka_startup_error(
+                    exc, f"init_transactions({slot.transactional_id})"
+                ) from None
+
+    def acquire(self, timeout: float) -> ProducerSlot:
+        try:
+            return self._free.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no transactional producer free within {timeout}s") from None
+
+    def release(self, slot: ProducerSlot) -> None:
+        self._free.put(slot)
+
+    def close(self) -> None:
+        for slot in self.slots:
+            slot.discard()
+
+
+class _Deliveries:
+    """Counts delivery reports of one transaction and keeps the first error."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.error: KafkaError | None = None
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        self.pending -= 1
+        if err is not None and self.error is None:
+            self.error = err
+
+
+def run_transaction(
+    slot: ProducerSlot,
+    messages: Sequence[StagedMessage],
+    decisions: Sequence[DecisionRecord],
+    decision_topic: str,
+    commit_retry: RetryPolicy,
+    timeout: float,
+    log_id: str,
+) -> KafkaResult:
+    """Produce ``messages`` and ``decisions`` in one Kafka transaction and commit it."""
+    try:
+        producer = slot.ready()
+    except KafkaException as exc:
+        slot.discard()
+        return KafkaResult(KafkaOutcome.FAILED_BEFORE_COMMIT, exc, "init_transactions failed")
+    deliveries = _Deliveries()
+    try:
+        producer.begin_transaction()
+        for m in messages:
+            _produce(producer, deliveries, m.topic, m.value, m.key, list(m.headers), m.partition)
+        for d in decisions:
+            _produce(producer, deliveries, decision_topic, d.value(), d.key(), d.headers(),
+                     slot.decision_partition)
+        remaining = producer.flush(timeout)
+        if remaining > 0:
+            raise _BeforeCommit(f"{remaining} message(s) not delivered within {timeout}s")
+        if deliveries.error is not None:
+            raise _BeforeCommit(f"delivery failed: {deliveries.error.name()}: "
+                                f"{deliveries.error.str()}", KafkaException(deliveries.error))
+    except (KafkaException, BufferError, _BeforeCommit) as exc:
+        cause = exc.cause if isinstance(exc, _BeforeCommit) else exc
+        detail = str(exc) if isinstance(exc, _BeforeCommit) else describe(exc)
+        _abort(slot, producer, timeout, log_id)
+        return KafkaResult(KafkaOutcome.FAILED_BEFORE_COMMIT, cause, detail)
+
+    started = time.monotonic()
+    retrying = commit_retry.retrying(
+        lambda e: (err := kafka_error_of(e)) is not None
+        and kafka_error_kind(err) is KafkaErrorKind.RETRIABLE
+    )
+    try:
+        for attempt in retrying:
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    log.warning("gid=%s retrying Kafka commit (attempt %d)", log_id,
+                                attempt.retry_state.attempt_number)
+                producer.commit_transaction(timeout)
+    except Exception as exc:
+        err = kafka_error_of(exc)
+        kind = kafka_error_kind(err) if err is not None else KafkaErrorKind.OTHER
+        action = commit_action(kind, retries_left=False)
+        elapsed = time.monotonic() - started
+        if action is CommitAction.ABORT:
+            _abort(slot, producer, timeout, log_id)
+            return KafkaResult(KafkaOutcome.ABORTED, exc, describe(exc), elapsed)
+        slot.discard()
+        return KafkaResult(KafkaOutcome.UNKNOWN, exc, f"{kind.value}: {describe(exc)}", elapsed)
+    # The commit succeeded, so every message was delivered; check the reports anyway.
+    if deliveries.error is not None or deliveries.pending != 0:
+        log.error("gid=%s Kafka commit succeeded but delivery reports disagree "
+                  "(pending=%d, error=%s)", log_id, deliveries.pending, deliveries.error)
+    return KafkaResult(KafkaOutcome.COMMITTED, commit_seconds=time.monotonic() - started)
+
+
+class _BeforeCommit(Exception):
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def _produce(
+    producer: Producer, deliveries: _Deliveries, topic: str, value: bytes | None,
+    key: bytes | None, headers: list[tuple[str, bytes]], partition: int | None,
+) -> None:
+    kwargs: dict[str, Any] = {"value": value, "key": key, "on_delivery": deliveries}
+    if headers:
+        kwargs["headers"] = headers
+    if partition is not None:
+        kwargs["partition"] = partition
+    while True:
+        try:
+            producer.produce(topic, **kwargs)
+            deliveries.pending += 1
+            return
+        except BufferError:
+            producer.poll(0.05)  # local queue full: serve delivery reports, retry
+
+
+def _abort(slot: ProducerSlot, producer: Producer, timeout: float, log_id: str) -> None:
+    """Abort the open transaction; if that fails, discard the producer.
+
+    Either way the transaction can no longer commit: commit_transaction() was
+    never called (or failed abortably), and a new producer's
+    init_transactions() aborts whatever is left.
+    """
+    try:
+        producer.abort_transaction(timeout)
+    except Exception as exc:
+        log.warning("gid=%s Kafka abort failed (%s); re-creating the producer", log_id,
+                    describe(exc))
+        slot.discard()

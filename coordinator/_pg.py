@@ -1,0 +1,194 @@
+"""Thin adapter over psycopg: PREPARE, COMMIT/ROLLBACK PREPARED, start-up checks,
+and the idempotency-key table."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+
+import psycopg
+import psycopg.errors
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+
+from ._enums import Phase
+from ._errmap import is_connection_error, is_unknown_gid
+from .config import RetryPolicy
+from .errors import (
+    AlreadyCommitted,
+    IdempotencyKeyBusy,
+    PreparedTransactionsDisabled,
+)
+
+__all__ = [
+    "FinishResult",
+    "IdempotencyTable",
+    "check_server",
+    "finish_prepared",
+    "instance_lock_key",
+    "prepare",
+]
+
+log = logging.getLogger("coordinator.postgres")
+
+Connection = psycopg.Connection[tuple[object, ...]]
+
+
+def check_server(conn: Connection) -> int:
+    """Fail fast when PostgreSQL cannot prepare transactions. Returns the limit."""
+    row = conn.execute("SHOW max_prepared_transactions").fetchone()
+    limit = int(str(row[0])) if row else 0
+    if limit <= 0:
+        raise PreparedTransactionsDisabled(
+            "PostgreSQL has max_prepared_transactions = 0, so it cannot PREPARE TRANSACTION. "
+            "Set max_prepared_transactions (at least max_connections used by coordinators, "
+            "e.g. 100) in postgresql.conf and restart the server",
+            phase=Phase.STARTUP,
+        )
+    return limit
+
+
+def prepare(conn: Connection, gid: str) -> None:
+    """``PREPARE TRANSACTION gid``; raise unless PostgreSQL really prepared.
+
+    PREPARE on a transaction that already failed does a ROLLBACK and reports
+    the command tag ``ROLLBACK``: that must never be taken for success.
+    """
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(gid)))
+        if cur.statusmessage != "PREPARE TRANSACTION":
+            raise NotPrepared(
+                f"PostgreSQL answered {cur.statusmessage!r} instead of PREPARE TRANSACTION: "
+                "a statement inside the block had failed, so the transaction was rolled back"
+            )
+
+
+class NotPrepared(Exception):
+    pass
+
+
+
+
+class FinishResult(StrEnum):
+    DONE = "done"
+    GONE = "gone"
+    """The gid no longer exists: someone (an earlier attempt, recovery) finished it."""
+
+
+def finish_prepared(
+    connect: Callable[[], Connection],
+    release: Callable[[Connection], None],
+    gid: str,
+    commit: bool,
+    retry: RetryPolicy,
+    first: Connection | None = None,
+) -> FinishResult:
+    """``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` with retries on lost connections.
+
+    Any session of the same role can finish a prepared transaction, so each
+    retry takes a new connection. Raises the last error when retries are spent.
+    """
+    stmt = sql.SQL("COMMIT PREPARED {}" if commit else "ROLLBACK PREPARED {}").format(
+        sql.Literal(gid)
+    )
+    conns = [first]
+
+    def attempt() -> FinishResult:
+        conn = conns.pop() if conns else None
+        if conn is None or conn.closed:
+            conn = connect()
+        try:
+            if not conn.autocommit:
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.rollback()
+                conn.autocommit = True
+            conn.execute(stmt)
+            return FinishResult.DONE
+        except psycopg.Error as exc:
+            if is_unknown_gid(exc):
+                return FinishResult.GONE
+            raise
+        finally:
+            if conn is not first:
+                release(conn)
+
+    for a in retry.retrying(is_connection_error):
+        with a:
+            if a.retry_state.attempt_number > 1:
+                log.warning("gid=%s retrying %s (attempt %d)", gid,
+                            "COMMIT PREPARED" if commit else "ROLLBACK PREPARED",
+                            a.retry_state.attempt_number)
+            return attempt()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def instance_lock_key(name: str, instance: str) -> int:
+    """A 64-bit advisory-lock key for one coordinator instance."""
+    digest = hashlib.blake2b(f"pk2pc:{name}:{instance}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class IdempotencyTable:
+    """The table recording idempotency keys, written in the business transaction."""
+
+    def __init__(self, table: str, schema: str | None, wait_ms: int) -> None:
+        self.ident = sql.Identifier(schema, table) if schema else sql.Identifier(table)
+        self.wait_ms = int(wait_ms)
+
+    def create(self, conn: Connection) -> None:
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                " idempotency_key text PRIMARY KEY,"
+                " txid text NOT NULL,"
+                " gid text,"
+                " created_at timestamptz NOT NULL DEFAULT now())"
+            ).format(self.ident)
+        )
+
+    def claim(self, conn: Connection, key: str, txid: str) -> None:
+        """Insert the key in the open transaction, or raise.
+
+        A committed holder -> :class:`AlreadyCommitted`; a holder still running
+        or prepared past ``wait_ms`` -> :class:`IdempotencyKeyBusy`. A holder
+        that rolls back meanwhile lets this one proceed.
+        """
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+            sql.Literal(f"{self.wait_ms}ms")))
+        try:
+            with conn.transaction():  # a savepoint: a time-out must not poison the block
+                row = conn.execute(
+                    sql.SQL(
+                        "INSERT INTO {} (idempotency_key, txid) VALUES (%s, %s) "
+                        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING 1"
+                    ).format(self.ident),
+                    (key, txid),
+                ).fetchone()
+        except psycopg.errors.LockNotAvailable:
+            raise IdempotencyKeyBusy(
+                f"idempotency key {key!r} is held by another transaction that is still "
+                f"running or in doubt (waited {self.wait_ms} ms); retry later",
+                idempotency_key=key,
+            ) from None
+        conn.execute("SET LOCAL lock_timeout TO DEFAULT")
+        if row is None:
+            prev = conn.execute(
+                sql.SQL("SELECT gid FROM {} WHERE idempotency_key = %s").format(self.ident),
+                (key,),
+            ).fetchone()
+            previous_gid = str(prev[0]) if prev and prev[0] is not None else None
+            raise AlreadyCommitted(
+                f"idempotency key {key!r} was already committed"
+                + (f" by {previous_gid}" if previous_gid else "")
+                + "; nothing was applied or published again",
+                idempotency_key=key,
+                previous_gid=previous_gid,
+            )
+
+    def record_gid(self, conn: Connection, key: str, gid: str) -> None:
+        conn.execute(
+            sql.SQL("UPDATE {} SET gid = %s WHERE idempotency_key = %s").format(self.ident),
+            (gid, key),
+        )
