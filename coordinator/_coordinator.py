@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import uuid
+from datetime import datetime
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
@@ -103,6 +104,9 @@ class Coordinator:
         self._known_topics: set[str] = set()
         self._state_lock = threading.Lock()
         self._open = False
+        self.started_at: datetime | None = None
+        """PostgreSQL's clock when this coordinator opened, before its producers fenced
+        older producers of this instance (used by ``recovery.recover_own``)."""
 
     # -- life cycle ---------------------------------------------------------
 
@@ -160,6 +164,9 @@ class Coordinator:
         try:
             conn.autocommit = True
             _pg.check_server(conn)
+            row = conn.execute("SELECT now()").fetchone()
+            assert row is not None
+            self.started_at = row[0]
             self._idem.create(conn)
             if cfg.instance_lock:
                 self._take_instance_lock(conn)
@@ -174,8 +181,7 @@ class Coordinator:
         key = _pg.instance_lock_key(self.name, self.instance)
         row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
         if not row or not row[0]:
-            assert self._pool is not None
-            self._pool.putconn(conn)
+            # The caller (_open_postgres) gives the connection back to the pool.
             raise ConfigurationError(
                 f"instance {self.instance!r} of {self.name!r} is already in use by a running "
                 "coordinator. Every process needs its own instance id (instance=...); "
@@ -510,8 +516,11 @@ class Transaction:
     def _kafka_commit(self, ticket: Ticket) -> None:
         assert self.gid is not None
         gid = self.gid
-        self._protocol.fire(Event.KAFKA_COMMIT_STARTED)
         result = ticket.commit(self._messages, DecisionRecord(gid))
+        if result.outcome is not KafkaOutcome.FAILED_BEFORE_COMMIT:
+            # commit_transaction() was called (PREPARED -> COMMITTING); a produce
+            # failure never got that far and goes PREPARED -> ROLLED_BACK.
+            self._protocol.fire(Event.KAFKA_COMMIT_STARTED)
         if result.outcome is KafkaOutcome.COMMITTED:
             self._protocol.fire(Event.KAFKA_COMMITTED)
             log.debug("gid=%s Kafka committed in %.1f ms", gid, result.commit_seconds * 1e3)

@@ -1,3 +1,20 @@
-"""Recovery worker: resolves in-doubt prepared transactions from the decision log."""
+"""Recovery worker: resolves in-doubt prepared transactions from the decision log.
 
-__all__: list[str] = []
+Run it as a scheduled job (``python -m recovery`` / ``pgkafka-recovery``), or
+in-process with :func:`recover` (any time) and :func:`recover_own` (right
+after a coordinator opened, for that instance's own earlier transactions).
+"""
+
+from ._model import InDoubt, RecoveryReport, Remaining, Resolution
+from ._worker import RecoveryConfig, RecoveryError, recover, recover_own
+
+__all__ = [
+    "InDoubt",
+    "RecoveryConfig",
+    "RecoveryError",
+    "RecoveryReport",
+    "Remaining",
+    "Resolution",
+    "recover",
+    "recover_own",
+]

@@ -1,0 +1,120 @@
+"""Command line: ``python -m recovery [recover|list] --postgres DSN ...``.
+
+Exit codes: 0 nothing of ours remains in doubt past the grace period;
+1 some remain (listed, with the reason); 2 configuration or connection error
+(nothing was changed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from ._postgres import list_in_doubt
+from ._worker import RecoveryConfig, RecoveryError, recover
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_REMAINING, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m recovery",
+        description="Resolve in-doubt PostgreSQL prepared transactions of a pg-kafka-2pc "
+        "coordinator from its Kafka decision log. Safe to run at any time, repeatedly, "
+        "and by several workers at once.",
+    )
+    p.add_argument("command", nargs="?", choices=["recover", "list", "status"],
+                   default="recover", help="recover (default), or list/status: show the "
+                   "in-doubt transactions and their age without changing anything")
+    p.add_argument("--postgres", default=os.environ.get("PG_DSN"),
+                   help="PostgreSQL conninfo of the coordinator's database (default: $PG_DSN; "
+                   "put the password in PGPASSWORD or ~/.pgpass, not on the command line)")
+    p.add_argument("--bootstrap-servers", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
+                   help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS)")
+    p.add_argument("--name", required=True, help="the coordinator's name")
+    p.add_argument("--instance", help="only this coordinator instance's transactions")
+    p.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra librdkafka setting (repeatable), e.g. security.protocol=SSL")
+    p.add_argument("--decision-topic", default=RecoveryConfig().decision_topic)
+    p.add_argument("--grace-seconds", type=float, default=RecoveryConfig().grace_seconds,
+                   help="leave transactions younger than this alone (default %(default)s)")
+    p.add_argument("--alert-after-seconds", type=float,
+                   default=RecoveryConfig().alert_after_seconds)
+    p.add_argument("--dry-run", action="store_true", help="decide and report, change nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _kafka_conf(args: argparse.Namespace) -> dict[str, Any]:
+    conf: dict[str, Any] = {"bootstrap.servers": args.bootstrap_servers}
+    for item in args.kafka_config:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecoveryError(f"--kafka-config expects KEY=VALUE, got {item!r}")
+        conf[key.strip()] = value
+    return conf
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not args.postgres:
+        print("error: --postgres (or $PG_DSN) is required", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if args.command in ("list", "status"):
+            return _list(args)
+        if not args.bootstrap_servers:
+            raise RecoveryError("--bootstrap-servers (or $KAFKA_BOOTSTRAP_SERVERS) is required")
+        cfg = RecoveryConfig(
+            decision_topic=args.decision_topic, grace_seconds=args.grace_seconds,
+            instance=args.instance, dry_run=args.dry_run,
+            alert_after_seconds=args.alert_after_seconds,
+        )
+        report = recover(args.postgres, _kafka_conf(args), args.name, cfg)
+    except (RecoveryError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        print(json.dumps(report.as_json(), sort_keys=True))
+    else:
+        verb = "would " if report.dry_run else ""
+        print(f"{verb}commit: {len(report.committed)}, {verb}roll back: "
+              f"{len(report.rolled_back)}, skipped (resolved elsewhere): "
+              f"{len(report.skipped)}, within grace period: {len(report.waiting)}, "
+              f"remaining: {len(report.remaining)}")
+        for r in report.remaining:
+            print(f"remaining {r.gid}: {r.reason}")
+    return report.exit_code
+
+
+def _list(args: argparse.Namespace) -> int:
+    try:
+        with psycopg.connect(args.postgres, autocommit=True, connect_timeout=10) as conn:
+            rows = list_in_doubt(conn, args.name, args.instance)
+    except psycopg.Error as exc:
+        raise RecoveryError(f"PostgreSQL unreachable: {exc}".strip()) from None
+    past = [t for t in rows if t.age_seconds >= args.grace_seconds]
+    if args.json:
+        print(json.dumps({"in_doubt": [
+            {"gid": t.text, "age_seconds": round(t.age_seconds, 3),
+             "prepared": t.prepared.isoformat(), "owner": t.owner,
+             "transactional_id": t.gid.transactional_id,
+             "past_grace": t.age_seconds >= args.grace_seconds} for t in rows]}))
+    else:
+        print(f"{len(rows)} in-doubt transaction(s) of {args.name!r}, "
+              f"{len(past)} past the grace period of {args.grace_seconds:g}s")
+        for t in rows:
+            print(f"{t.age_seconds:10.1f}s  {t.text}  (transactional.id {t.gid.transactional_id})")
+    return EXIT_REMAINING if past else EXIT_OK

@@ -1,0 +1,82 @@
+"""Records of what recovery found and did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from coordinator.gid import Gid
+
+__all__ = ["InDoubt", "RecoveryReport", "Remaining", "Resolution"]
+
+
+@dataclass(frozen=True, slots=True)
+class InDoubt:
+    """A prepared transaction of ours, as ``pg_prepared_xacts`` shows it."""
+
+    gid: Gid
+    prepared: datetime
+    owner: str
+    database: str
+    age_seconds: float
+
+    @property
+    def text(self) -> str:
+        return str(self.gid)
+
+
+class Resolution(StrEnum):
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+
+
+@dataclass(frozen=True, slots=True)
+class Remaining:
+    """A transaction recovery could not resolve in this run, and why."""
+
+    gid: str
+    reason: str
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    """What one recovery run found and did.
+
+    ``committed`` and ``rolled_back`` list the gids this run resolved;
+    ``remaining`` those still in doubt past the grace period (with reasons);
+    ``skipped`` those resolved by someone else meanwhile; ``waiting`` those
+    younger than the grace period (left alone on purpose).
+    """
+
+    committed: list[str] = field(default_factory=list)
+    rolled_back: list[str] = field(default_factory=list)
+    remaining: list[Remaining] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+    fenced: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    oldest_age_seconds: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing of ours remains in doubt past the grace period."""
+        return not self.remaining
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "committed": list(self.committed),
+            "rolled_back": list(self.rolled_back),
+            "remaining": [r.gid for r in self.remaining],
+            "remaining_reasons": {r.gid: r.reason for r in self.remaining},
+            "skipped": list(self.skipped),
+            "waiting": list(self.waiting),
+            "fenced_transactional_ids": list(self.fenced),
+            "dry_run": self.dry_run,
+            "oldest_age_seconds": self.oldest_age_seconds,
+        }
