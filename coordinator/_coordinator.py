@@ -7,8 +7,8 @@ import logging
 import threading
 import time
 import uuid
-from datetime import datetime
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 

@@ -1,0 +1,148 @@
+"""Group commit: transactions that reach the commit point together share one
+Kafka transaction.
+
+Each transaction is assigned a producer slot before PREPARE (the slot is part
+of its gid) and, once PostgreSQL has prepared it, deposits its messages and
+decision record with that slot's batcher. The first depositor leads: it waits
+briefly for the other transactions already assigned to the slot (at most
+``max_wait``, at most ``max_batch`` members), then commits one Kafka
+transaction carrying everything and hands each member the shared result.
+Members that fail before depositing (their PREPARE failed) simply withdraw,
+so they never hold a batch back. A lone transaction does not wait at all.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ._committer import Ticket
+from ._kafka import (
+    KafkaOutcome,
+    KafkaResult,
+    ProducerPool,
+    ProducerSlot,
+    StagedMessage,
+    run_transaction,
+)
+from .config import GroupCommit, RetryPolicy
+from .decision_log import DecisionRecord
+
+__all__ = ["GroupCommitter"]
+
+
+@dataclass(eq=False)
+class _Member:
+    messages: Sequence[StagedMessage]
+    decision: DecisionRecord
+    result: KafkaResult | None = None
+
+
+@dataclass(eq=False)
+class _SlotBatcher:
+    slot: ProducerSlot
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    outstanding: int = 0
+    """Tickets handed out for this slot that have not deposited or withdrawn."""
+    queue: list[_Member] = field(default_factory=list)
+    committing: bool = False
+
+    @property
+    def load(self) -> int:
+        return self.outstanding + len(self.queue) + (1 if self.committing else 0)
+
+
+class _GroupTicket:
+    def __init__(self, owner: GroupCommitter, batcher: _SlotBatcher) -> None:
+        self._owner = owner
+        self._batcher = batcher
+        self.slot = batcher.slot
+        self._done = False
+
+    def commit(self, messages: Sequence[StagedMessage], decision: DecisionRecord) -> KafkaResult:
+        if self._done:
+            raise RuntimeError("ticket already used")
+        self._done = True
+        return self._owner._commit(self._batcher, _Member(messages, decision))
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._done = True
+            b = self._batcher
+            with b.cond:
+                b.outstanding -= 1
+                b.cond.notify_all()
+
+
+class GroupCommitter:
+    """Batches concurrent transactions per producer slot into shared Kafka transactions."""
+
+    def __init__(
+        self,
+        pool: ProducerPool,
+        decision_topic: str,
+        commit_retry: RetryPolicy,
+        timeout: float,
+        group: GroupCommit,
+    ) -> None:
+        self._batchers = [_SlotBatcher(slot) for slot in pool.slots]
+        self._lock = threading.Lock()
+        self.decision_topic = decision_topic
+        self.commit_retry = commit_retry
+        self.timeout = timeout
+        self.group = group
+
+    def join(self, timeout: float) -> Ticket:
+        with self._lock:
+            batcher = min(self._batchers, key=lambda b: b.load)
+            with batcher.cond:
+                batcher.outstanding += 1
+        return _GroupTicket(self, batcher)
+
+    def close(self) -> None:
+        pass
+
+    def _commit(self, b: _SlotBatcher, me: _Member) -> KafkaResult:
+        with b.cond:
+            b.outstanding -= 1
+            b.queue.append(me)
+            b.cond.notify_all()
+            while True:
+                if me.result is not None:
+                    return me.result
+                if not b.committing and b.queue and b.queue[0] is me:
+                    break
+                b.cond.wait()
+            # This thread leads the next batch.
+            b.committing = True
+            deadline = time.monotonic() + self.group.max_wait
+            while b.outstanding > 0 and len(b.queue) < self.group.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                b.cond.wait(left)
+            batch = b.queue[: self.group.max_batch]
+            del b.queue[: len(batch)]
+        try:
+            result = run_transaction(
+                b.slot,
+                [m for member in batch for m in member.messages],
+                [member.decision for member in batch],
+                self.decision_topic,
+                self.commit_retry,
+                self.timeout,
+                batch[0].decision.gid if len(batch) == 1
+                else f"{batch[0].decision.gid} (+{len(batch) - 1} in group)",
+            )
+        except BaseException as exc:
+            result = KafkaResult(KafkaOutcome.UNKNOWN, exc, f"unexpected: {exc!r}")
+            raise
+        finally:
+            with b.cond:
+                for member in batch:
+                    member.result = result
+                b.committing = False
+                b.cond.notify_all()
+        return result
