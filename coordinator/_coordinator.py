@@ -362,20 +362,9 @@ class Transaction:
             raise UsageError("a Transaction can be used only once")
         self._entered = True
         pool, _ = self._coord._ready()
-        try:
-            conn = pool.getconn(timeout=self._coord.config.connection_timeout)
-        except Exception as exc:
-            self._protocol.fire(Event.BLOCK_FAILED)
-            self._ended = True
-            raise ServiceUnavailable(f"no PostgreSQL connection: {describe(exc)}",
-                                     phase=Phase.BEGIN) from None
+        conn = self._begin(pool)
         self._conn = conn
-        self._conn_autocommit = conn.autocommit
         try:
-            if conn.info.transaction_status != TransactionStatus.IDLE:
-                conn.rollback()
-            conn.autocommit = True
-            conn.execute("BEGIN")
             if self.idempotency_key is not None:
                 self._coord._idem.claim(conn, self.idempotency_key, self.txid)
         except BaseException as exc:
@@ -387,6 +376,39 @@ class Transaction:
                                          phase=Phase.BEGIN) from exc
             raise
         return self
+
+    def _begin(self, pool: ConnectionPool[Any]) -> Connection:
+        """A pooled connection with a transaction begun on it.
+
+        A pooled connection found broken (the server restarted, the network
+        dropped) is discarded and another one taken: nothing was done yet.
+        """
+        attempts = max(2, min(pool.max_size, 5))
+        for attempt in range(attempts):
+            try:
+                conn: Connection = pool.getconn(timeout=self._coord.config.connection_timeout)
+            except Exception as exc:
+                self._protocol.fire(Event.BLOCK_FAILED)
+                self._ended = True
+                raise ServiceUnavailable(f"no PostgreSQL connection: {describe(exc)}",
+                                         phase=Phase.BEGIN) from None
+            self._conn_autocommit = conn.autocommit
+            try:
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.rollback()
+                conn.autocommit = True
+                conn.execute("BEGIN")
+                return conn
+            except psycopg.Error as exc:
+                pool.putconn(conn)  # the pool discards a broken connection
+                if is_connection_error(exc) and attempt + 1 < attempts:
+                    log.info("discarding a broken pooled connection (%s)", describe(exc))
+                    continue
+                self._protocol.fire(Event.BLOCK_FAILED)
+                self._ended = True
+                raise ServiceUnavailable(f"PostgreSQL: {describe(exc)}",
+                                         phase=Phase.BEGIN) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def __exit__(
         self,
