@@ -1,0 +1,1 @@
+"""The local Kafka + PostgreSQL stack behind `scripts/stack` (Python standard library only)."""
