@@ -79,8 +79,11 @@ class Coordinator:
         instance: str | None = None,
         config: CoordinatorConfig | None = None,
     ) -> None:
-        self.name = check_identifier(name, "name")
-        self.instance = check_identifier(instance or default_instance(), "instance")
+        try:
+            self.name = check_identifier(name, "name")
+            self.instance = check_identifier(instance or default_instance(), "instance")
+        except ValueError as exc:
+            raise ConfigurationError(str(exc), phase=Phase.STARTUP) from None
         self.config = config or CoordinatorConfig()
         if "bootstrap.servers" not in kafka:
             raise ConfigurationError("kafka configuration needs 'bootstrap.servers'")

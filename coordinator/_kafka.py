@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -158,8 +158,12 @@ class ProducerPool:
             slot.discard()
 
 
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+
+
 class _Deliveries:
-    """Counts delivery reports of one transaction and keeps the first error."""
+    """Counts delivery reports of one transaction and keeps the first error
+    (the first real one: messages purged because of it are a consequence)."""
 
     def __init__(self) -> None:
         self.pending = 0
@@ -167,20 +171,45 @@ class _Deliveries:
 
     def __call__(self, err: KafkaError | None, msg: Message) -> None:
         self.pending -= 1
-        if err is not None and self.error is None:
+        if err is not None and (self.error is None or (
+                self.error.code() in _PURGED and err.code() not in _PURGED)):
             self.error = err
 
 
 def run_transaction(
     slot: ProducerSlot,
-    messages: Sequence[StagedMessage],
-    decisions: Sequence[DecisionRecord],
+    messages: Iterable[StagedMessage],
+    decisions: Iterable[DecisionRecord],
     decision_topic: str,
     commit_retry: RetryPolicy,
     timeout: float,
     log_id: str,
 ) -> KafkaResult:
-    """Produce ``messages`` and ``decisions`` in one Kafka transaction and commit it."""
+    """Produce ``messages`` and ``decisions`` in one Kafka transaction and commit it.
+
+    Both are iterated once, in that order, after ``begin_transaction()``: the group
+    committer passes a lazy ``messages`` that keeps adding members while the first
+    messages are already on their way.
+    """
+    try:
+        return _run_transaction(slot, messages, decisions, decision_topic, commit_retry,
+                                timeout, log_id)
+    except BaseException:
+        # Not a Kafka error (an interrupt, a bug): the producer may hold an open
+        # transaction. Discard it; the next init_transactions() aborts what is left.
+        slot.discard()
+        raise
+
+
+def _run_transaction(
+    slot: ProducerSlot,
+    messages: Iterable[StagedMessage],
+    decisions: Iterable[DecisionRecord],
+    decision_topic: str,
+    commit_retry: RetryPolicy,
+    timeout: float,
+    log_id: str,
+) -> KafkaResult:
     try:
         producer = slot.ready()
     except KafkaException as exc:
@@ -260,15 +289,21 @@ def _produce(
 
 
 def _abort(slot: ProducerSlot, producer: Producer, timeout: float, log_id: str) -> None:
-    """Abort the open transaction; if that fails, discard the producer.
+    """Abort the open transaction, then discard the producer.
 
     Either way the transaction can no longer commit: commit_transaction() was
     never called (or failed abortably), and a new producer's
     init_transactions() aborts whatever is left.
+
+    The producer is discarded even when the abort succeeded: after a failed
+    transaction (e.g. a batch refused with MSG_SIZE_TOO_LARGE) librdkafka's
+    idempotence state can need an epoch bump that it only performs inside the
+    *next* transaction, failing that innocent transaction with
+    OUT_OF_ORDER_SEQUENCE_NUMBER / _PURGE_QUEUE. A fresh producer starts clean.
     """
     try:
         producer.abort_transaction(timeout)
     except Exception as exc:
         log.warning("gid=%s Kafka abort failed (%s); re-creating the producer", log_id,
                     describe(exc))
-        slot.discard()
+    slot.discard()

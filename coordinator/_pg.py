@@ -138,15 +138,28 @@ class IdempotencyTable:
         self.wait_ms = int(wait_ms)
 
     def create(self, conn: Connection) -> None:
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} ("
-                " idempotency_key text PRIMARY KEY,"
-                " txid text NOT NULL,"
-                " gid text,"
-                " created_at timestamptz NOT NULL DEFAULT now())"
-            ).format(self.ident)
-        )
+        """Create the table when missing (``conn`` in autocommit mode).
+
+        Two coordinators starting together on a fresh database race in ``CREATE
+        TABLE IF NOT EXISTS``: the loser fails with a unique violation on the
+        catalog (``pg_type_typname_nsp_index``) instead of a notice. The winner has
+        committed by then, so the table exists and the error is ignored.
+        """
+        try:
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} ("
+                    " idempotency_key text PRIMARY KEY,"
+                    " txid text NOT NULL,"
+                    " gid text,"
+                    " created_at timestamptz NOT NULL DEFAULT now())"
+                ).format(self.ident)
+            )
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+            row = conn.execute("SELECT to_regclass(%s)",
+                               (self.ident.as_string(conn),)).fetchone()
+            if row is None or row[0] is None:
+                raise
 
     def claim(self, conn: Connection, key: str, txid: str) -> None:
         """Insert the key in the open transaction, or raise.

@@ -68,8 +68,10 @@ def transactional_id(name: str, instance: str, slot: int) -> str:
 
     Stable across restarts of the same instance, so a restarted instance's
     ``init_transactions()`` fences its own zombie; distinct between instances.
+    The fields are separated by ``:``, which no identifier contains (``.`` would
+    be ambiguous: name ``a.b`` + instance ``c`` vs name ``a`` + instance ``b.c``).
     """
-    return f"pk2pc.{name}.{instance}.{slot}"
+    return f"pk2pc.{name}:{instance}:{slot}"
 
 
 @dataclass(frozen=True, slots=True)

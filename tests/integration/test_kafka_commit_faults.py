@@ -1,0 +1,164 @@
+"""Errors of ``commit_transaction()`` with the real services around them.
+
+The producer of the (single) slot is wrapped so that ``commit_transaction()``
+raises a real ``KafkaError`` of each kind instead of (or before) committing;
+everything else -- begin, produce, abort, PostgreSQL -- is real.
+
+- retriable: the same commit is retried and succeeds;
+- retriable until the retries are spent, fatal, fenced: the outcome is unknown,
+  PostgreSQL stays prepared for recovery (status IN_DOUBT);
+- abortable: the Kafka transaction is aborted and PostgreSQL rolled back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import tenacity
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from coordinator import (
+    Coordinator,
+    GroupCommit,
+    OutcomeUnknown,
+    Phase,
+    RetryPolicy,
+    RolledBack,
+    Status,
+)
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import Env
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+
+class FaultyProducer:
+    """Delegates to a real producer; ``commit_transaction`` first raises the queued errors."""
+
+    def __init__(self, real: Producer, errors: list[KafkaError]) -> None:
+        self._real = real
+        self.errors = errors
+        self.commit_calls = 0
+
+    def commit_transaction(self, *args: Any) -> None:
+        self.commit_calls += 1
+        if self.errors:
+            raise KafkaException(self.errors.pop(0))
+        self._real.commit_transaction(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def faulty(
+    env: Env, orders: str, group_commit: GroupCommit | None
+) -> Iterator[tuple[Coordinator, list[KafkaError], list[Any]]]:
+    coord = env.coordinator(
+        group_commit=group_commit,
+        producers=1,
+        kafka_commit_retry=RetryPolicy(stop=tenacity.stop_after_attempt(3),
+                                       wait=tenacity.wait_none()),
+    )
+    assert coord._producers is not None
+    slot = coord._producers.slots[0]
+    errors: list[KafkaError] = []
+    wrappers: list[Any] = []
+    real_ready = slot.ready
+
+    def ready(deadline: float | None = None) -> Any:
+        producer = real_ready(deadline)
+        if not isinstance(producer, FaultyProducer):
+            producer = FaultyProducer(producer, errors)
+            slot._producer = producer  # type: ignore[assignment]
+            wrappers.append(producer)
+        return producer
+
+    slot.ready = ready  # type: ignore[method-assign]
+    yield coord, errors, wrappers
+
+
+def run_order(coord: Coordinator, topic: str, order_id: int) -> Any:
+    tx = coord.transaction(idempotency_key=f"order-{order_id}")
+    with tx:
+        tx.execute("INSERT INTO orders (id, total) VALUES (%s, 1)", (order_id,))
+        tx.produce(topic, value=f"order {order_id}")
+    return tx
+
+
+def test_retriable_commit_error_is_retried(env: Env, faulty: Any) -> None:
+    coord, errors, wrappers = faulty
+    topic = env.topic()
+    errors.extend([KafkaError(KafkaError._TIMED_OUT, "injected time-out", retriable=True)] * 2)
+    tx = run_order(coord, topic, 1)
+    assert tx.status is Status.COMMITTED
+    assert wrappers[-1].commit_calls == 3
+    assert env.ids() == [1] and env.prepared() == []
+    assert [m.value for m in env.read(topic)] == [b"order 1"]
+    env.assert_decided(tx.gid)
+
+
+def test_abortable_commit_error_rolls_back(env: Env, faulty: Any) -> None:
+    coord, errors, _ = faulty
+    topic = env.topic()
+    errors.append(KafkaError(KafkaError._STATE, "injected abortable", txn_requires_abort=True))
+    tx = coord.transaction(idempotency_key="order-1")
+    with pytest.raises(RolledBack) as info, tx:
+        tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+        tx.produce(topic, value=b"order 1")
+    err = info.value
+    assert err.phase is Phase.KAFKA_COMMIT and err.gid == tx.gid and err.complete
+    assert tx.status is Status.ROLLED_BACK
+    assert env.ids() == [] and env.prepared() == [] and env.idempotency_rows() == {}
+    assert env.read(topic) == []
+    assert env.decisions() == {}
+    # The same producer goes on working, and the key is free again.
+    tx2 = run_order(coord, topic, 1)
+    assert tx2.status is Status.COMMITTED
+    assert [m.value for m in env.read(topic)] == [b"order 1"]
+    assert set(env.decisions()) == {tx2.gid}
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        KafkaError(KafkaError._FENCED, "injected fenced", fatal=True),
+        KafkaError(KafkaError.INVALID_TXN_STATE, "injected fatal", fatal=True),
+        KafkaError(KafkaError._TIMED_OUT, "injected time-out", retriable=True),
+    ],
+    ids=["fenced", "fatal", "retries-spent"],
+)
+def test_unknown_outcome_leaves_postgres_prepared(
+    env: Env, faulty: Any, error: KafkaError
+) -> None:
+    coord, errors, wrappers = faulty
+    topic = env.topic()
+    errors.extend([error] * (5 if error.retriable() else 1))
+    tx = coord.transaction(idempotency_key="order-1")
+    with pytest.raises(OutcomeUnknown) as info, tx:
+        tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+        tx.produce(topic, value=b"order 1")
+    err = info.value
+    assert err.gid is not None and err.gid == tx.gid
+    assert err.phase is Phase.KAFKA_COMMIT
+    assert "unknown" in str(err)
+    assert tx.status is Status.IN_DOUBT
+    if error.retriable():
+        assert wrappers[0].commit_calls == 3  # the policy's three attempts
+    # PostgreSQL is left prepared for recovery.
+    assert env.prepared() == [err.gid]
+    assert env.ids() == []
+    errors.clear()
+    # The producer was replaced; the next transaction's init_transactions() fences the
+    # old one and aborts its open transaction (here: the commit never reached Kafka).
+    tx2 = run_order(coord, topic, 2)
+    assert tx2.status is Status.COMMITTED
+    assert len(wrappers) == 2
+    assert [m.value for m in env.read(topic)] == [b"order 2"]
+    decisions = env.decisions()
+    assert set(decisions) == {tx2.gid}  # no decision for the in-doubt gid: recovery aborts it
+    assert env.ids() == [2]
+    assert env.prepared() == [err.gid]
