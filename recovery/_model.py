@@ -61,7 +61,12 @@ class RecoveryReport:
 
     @property
     def ok(self) -> bool:
-        """True when nothing of ours remains in doubt past the grace period."""
+        """True when nothing of ours remains in doubt past the grace period.
+
+        A dry run changes nothing, so it is ok only when it found nothing to do.
+        """
+        if self.dry_run and (self.committed or self.rolled_back):
+            return False
         return not self.remaining
 
     @property

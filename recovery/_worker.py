@@ -86,6 +86,10 @@ def recover(
 ) -> RecoveryReport:
     """Resolve ``name``'s in-doubt transactions; see the module docstring.
 
+    ``postgres`` is a conninfo string or an open connection **in autocommit
+    mode** (``COMMIT PREPARED`` cannot run inside a transaction block), of the
+    role that prepared the transactions or a superuser.
+
     Raises :class:`RecoveryError` when PostgreSQL cannot be used (nothing was
     changed). An unreachable decision topic is not an error: nothing is
     touched and the transactions are reported as remaining.

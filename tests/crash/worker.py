@@ -1,0 +1,279 @@
+"""A coordinator process that kills itself at a chosen point of the two-phase protocol.
+
+Run as ``python -m tests.crash.worker --postgres DSN --bootstrap HOST:PORT --name N
+--instance I --topic T --table TBL --ops N --crash-at POINT --op-prefix P [...]``.
+
+Operation ``k`` (``op_id = f"{prefix}-{k}"``) inserts the row ``(op_id)`` into ``--table``
+and produces ``--messages-per-op`` messages to ``--topic`` with key ``op_id`` and value
+``{"op": op_id, "n": i}``, in one coordinated transaction. At operation ``--crash-op``
+(default: the last one) the process sends itself SIGKILL at ``--crash-at``:
+
+``before_prepare``
+    the block ran (row inserted, messages staged); ``PREPARE TRANSACTION`` not sent.
+``after_prepare``
+    PostgreSQL prepared, the Kafka transaction is open with every message (and the
+    decision record) produced and flushed; ``commit_transaction()`` not called.
+``during_commit``
+    a thread sends SIGKILL while ``commit_transaction()`` is executing: the thread is
+    started and waits until the worker is about to enter the real call (which releases
+    the GIL), then kills (after ``--kill-delay-us`` of busy waiting, default 0). The
+    commit may or may not get through.
+``after_commit``
+    ``commit_transaction()`` returned (the commit point passed); ``COMMIT PREPARED``
+    not sent.
+``during_pg_commit``
+    a thread sends SIGKILL while ``COMMIT PREPARED`` is executing.
+``stop``
+    (also ``--sigstop-before-commit``) the process sends itself SIGSTOP right before
+    ``commit_transaction()``: a zombie. Whoever sends SIGCONT lets it try to commit.
+``none``
+    no crash.
+
+The crash points are reached by wrapping (no sleeps): a ``confluent_kafka.Producer``
+subclass installed as ``coordinator._kafka.Producer`` before the coordinator opens,
+and wrappers around ``coordinator._pg.prepare`` / ``coordinator._pg.finish_prepared``.
+
+The worker writes one JSON line per event to ``--out`` (default stdout), each flushed
+and fsync-ed before the next step, so they survive the SIGKILL:
+
+* ``{"event": "start", "pid", "name", "instance", "transactional_ids", ...}``
+* ``{"event": "crash", "op", "point", "gid", "kafka_flushed", "flushed": true}`` right
+  before the kill (or the SIGSTOP); ``kafka_flushed`` says whether the op's messages had
+  been flushed to the brokers (they are, from ``after_prepare`` on);
+* ``{"event": "op", "op", "told", "error", "status", "gid", "flushed": true}`` once the
+  coordinator answered: ``told`` is ``committed``, ``rolled_back``, ``unknown``
+  (:class:`~coordinator.OutcomeUnknown`), ``committed_pending_recovery`` or ``error``;
+  ``error`` is the exception class name (``null`` on success);
+* ``{"event": "end"}`` when every op is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from confluent_kafka import Producer
+from psycopg import sql
+
+import coordinator._kafka
+import coordinator._pg
+from coordinator import (
+    CommittedPendingRecovery,
+    Coordinator,
+    CoordinatorConfig,
+    DecisionTopic,
+    OutcomeUnknown,
+    RolledBack,
+)
+
+POINTS = ("none", "before_prepare", "after_prepare", "during_commit", "after_commit",
+          "during_pg_commit", "stop")
+
+__all__ = ["POINTS", "main"]
+
+
+class _State:
+    """What the wrappers need to know: which op is running and where to crash."""
+
+    def __init__(self, out: TextIO, point: str, crash_op: str) -> None:
+        self.out = out
+        self.point = point
+        self.crash_op = crash_op
+        self.kill_delay_us = 0
+        self.op: str | None = None
+        self.gid: str | None = None
+        self.lock = threading.Lock()
+
+    def emit(self, **record: Any) -> None:
+        record["flushed"] = True
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with self.lock:
+            self.out.write(line)
+            self.out.flush()
+            # A pipe or a terminal cannot be fsync-ed: flushed is all there is.
+            with contextlib.suppress(OSError, ValueError):
+                os.fsync(self.out.fileno())
+
+    def armed(self, point: str) -> bool:
+        return self.point == point and self.op == self.crash_op
+
+    def crash(self, point: str, kafka_flushed: bool) -> None:
+        self.emit(event="crash", op=self.op, point=point, gid=self.gid,
+                  kafka_flushed=kafka_flushed, pid=os.getpid())
+        if point == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)  # returns after SIGCONT
+            self.emit(event="continued", op=self.op, gid=self.gid)
+            return
+        _kill_now()
+
+    def kill_soon(self, point: str, kafka_flushed: bool) -> threading.Event:
+        """Record the crash and start a thread that sends SIGKILL once the caller has
+        set the returned event (right before it enters the real call), after
+        ``kill_delay_us`` microseconds of busy waiting (0: at once)."""
+        self.emit(event="crash", op=self.op, point=point, gid=self.gid,
+                  kafka_flushed=kafka_flushed, pid=os.getpid(),
+                  kill_delay_us=self.kill_delay_us)
+        entered = threading.Event()
+        delay = self.kill_delay_us / 1e6
+
+        def killer() -> None:
+            entered.wait()
+            end = time.perf_counter() + delay
+            while time.perf_counter() < end:
+                pass
+            _kill_now()
+
+        threading.Thread(target=killer, daemon=True).start()
+        return entered
+
+
+def _kill_now() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+STATE: _State | None = None
+
+
+class CrashingProducer(Producer):
+    """The coordinator's transactional producer, with crash points around the commit."""
+
+    def commit_transaction(self, *args: Any) -> Any:
+        st = STATE
+        if st is not None:
+            if st.armed("after_prepare"):
+                st.crash("after_prepare", kafka_flushed=True)
+            elif st.armed("stop"):
+                st.crash("stop", kafka_flushed=True)
+            elif st.armed("during_commit"):
+                st.kill_soon("during_commit", kafka_flushed=True).set()
+        result = super().commit_transaction(*args)
+        if st is not None and st.armed("after_commit"):
+            st.crash("after_commit", kafka_flushed=True)
+        return result
+
+
+def _install(state: _State) -> None:
+    global STATE
+    STATE = state
+    coordinator._kafka.Producer = CrashingProducer  # type: ignore[attr-defined]
+
+    real_prepare = coordinator._pg.prepare
+    real_finish = coordinator._pg.finish_prepared
+
+    def prepare(conn: Any, gid: str) -> None:
+        state.gid = gid
+        if state.armed("before_prepare"):
+            state.crash("before_prepare", kafka_flushed=False)
+        real_prepare(conn, gid)
+
+    def finish_prepared(connect: Callable[[], Any], release: Callable[[Any], None],
+                        gid: str, commit: bool, *args: Any, **kwargs: Any) -> Any:
+        if commit and state.armed("during_pg_commit"):
+            state.kill_soon("during_pg_commit", kafka_flushed=True).set()
+        return real_finish(connect, release, gid, commit, *args, **kwargs)
+
+    coordinator._pg.prepare = prepare
+    coordinator._pg.finish_prepared = finish_prepared
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tests.crash.worker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--postgres", required=True)
+    p.add_argument("--bootstrap", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--instance", required=True)
+    p.add_argument("--topic", required=True, help="business topic (must exist)")
+    p.add_argument("--table", required=True, help="table (op_id text PRIMARY KEY); created "
+                   "when missing")
+    p.add_argument("--ops", type=int, default=1)
+    p.add_argument("--op-prefix", default="op")
+    p.add_argument("--crash-at", choices=POINTS, default="none")
+    p.add_argument("--crash-op", type=int, default=None,
+                   help="index of the op that crashes (default: the last one)")
+    p.add_argument("--sigstop-before-commit", action="store_true",
+                   help="same as --crash-at stop")
+    p.add_argument("--kill-delay-us", type=int, default=0,
+                   help="during_commit / during_pg_commit: busy-wait this long after "
+                   "entering the call before the SIGKILL (default 0: at once); lets a "
+                   "fault campaign move the kill along the call")
+    p.add_argument("--decision-topic", default=DecisionTopic().name)
+    p.add_argument("--decision-partitions", type=int, default=3)
+    p.add_argument("--producers", type=int, default=1)
+    p.add_argument("--messages-per-op", type=int, default=2)
+    p.add_argument("--transaction-timeout-ms", type=int, default=10_000)
+    p.add_argument("--out", default="-", help="JSON lines file (default: stdout)")
+    return p
+
+
+def _run_op(coord: Coordinator, state: _State, args: argparse.Namespace, op_id: str) -> None:
+    state.op, state.gid = op_id, None
+    tx = coord.transaction()
+    told, error = "committed", None
+    try:
+        with tx:
+            tx.execute(sql.SQL("INSERT INTO {} (op_id) VALUES (%s)").format(
+                sql.Identifier(args.table)), (op_id,))
+            for n in range(args.messages_per_op):
+                tx.produce(args.topic, key=op_id,
+                           value=json.dumps({"op": op_id, "n": n}, sort_keys=True))
+    except OutcomeUnknown as exc:
+        told, error = "unknown", type(exc).__name__
+    except CommittedPendingRecovery as exc:
+        told, error = "committed_pending_recovery", type(exc).__name__
+    except RolledBack as exc:
+        told, error = "rolled_back", type(exc).__name__
+    except Exception as exc:
+        told, error = "error", type(exc).__name__
+    state.emit(event="op", op=op_id, told=told, error=error, status=tx.status.value,
+               gid=tx.gid)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.sigstop_before_commit:
+        args.crash_at = "stop"
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s worker %(levelname)s %(name)s %(message)s")
+    crash_op = args.crash_op if args.crash_op is not None else args.ops - 1
+    out: TextIO = sys.stdout if args.out == "-" else open(args.out, "a", encoding="utf-8")  # noqa: SIM115
+    state = _State(out, args.crash_at, f"{args.op_prefix}-{crash_op}")
+    state.kill_delay_us = args.kill_delay_us
+    _install(state)
+    config = CoordinatorConfig(
+        decision_topic=DecisionTopic(name=args.decision_topic,
+                                     partitions=args.decision_partitions),
+        producers=args.producers,
+        transaction_timeout_ms=args.transaction_timeout_ms,
+        kafka_timeout=10.0,
+        startup_timeout=60.0,
+    )
+    coord = Coordinator(args.postgres, {"bootstrap.servers": args.bootstrap}, args.name,
+                        instance=args.instance, config=config)
+    with coord:
+        assert coord._pool is not None
+        with coord._pool.connection() as conn:
+            conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (op_id text PRIMARY KEY)")
+                         .format(sql.Identifier(args.table)))
+        state.emit(event="start", pid=os.getpid(), name=args.name, instance=args.instance,
+                   transactional_ids=coord.transactional_ids, crash_at=args.crash_at,
+                   crash_op=state.crash_op, started=time.time())
+        for k in range(args.ops):
+            _run_op(coord, state, args, f"{args.op_prefix}-{k}")
+    state.emit(event="end")
+    if out is not sys.stdout:
+        out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
