@@ -3,14 +3,10 @@ Kafka transaction.
 
 Each transaction is assigned a producer slot before PREPARE (the slot is part
 of its gid) and, once PostgreSQL has prepared it, deposits its messages and
-decision record with that slot's batcher. The first depositor leads: it opens
-the Kafka transaction at once, produces what has been deposited, and keeps
-taking in the other transactions already assigned to the slot as they deposit
-(for at most ``max_wait``, at most ``max_batch`` members), so that waiting for
-them overlaps the transaction's first round trips; then it commits the one
-Kafka transaction carrying everything and hands each member the shared result.
-Members deposited while a batch commits form the next batch, led by the first
-of them. Each member sleeps on its own lock, so only the threads concerned wake.
+decision record with that slot's batcher. The first depositor leads: it waits
+briefly for the other transactions already assigned to the slot (at most
+``max_wait``, at most ``max_batch`` members), then commits one Kafka
+transaction carrying everything and hands each member the shared result.
 Members that fail before depositing (their PREPARE failed) simply withdraw,
 so they never hold a batch back. A lone transaction does not wait at all.
 """
@@ -19,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._committer import Ticket
@@ -127,29 +123,31 @@ class GroupCommitter:
             me.wake.acquire()  # until our result is in, or the lead is handed to us
             if me.result is not None:
                 return me.result
-        # This thread leads the next batch (b.committing is set on its behalf). It opens
-        # the Kafka transaction at once and keeps adding members that deposit meanwhile
-        # (see _stream), so the wait for them overlaps the transaction's first round trips.
+        # This thread leads the next batch (b.committing is set on its behalf).
         with b.cond:
+            deadline = time.monotonic() + self.group.max_wait
+            while b.outstanding > 0 and len(b.queue) < self.group.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                b.cond.wait(left)
             batch = b.queue[: self.group.max_batch]
             del b.queue[: len(batch)]
-        stream = self._stream(b, batch, time.monotonic() + self.group.max_wait)
-        result: KafkaResult | None = None
         try:
             result = run_transaction(
                 b.slot,
-                stream,
-                _Decisions(stream, batch),
+                [m for member in batch for m in member.messages],
+                [member.decision for member in batch],
                 self.decision_topic,
                 self.commit_retry,
                 self.timeout,
-                f"{me.decision.gid} (group)" if b.outstanding or b.queue else me.decision.gid,
+                batch[0].decision.gid if len(batch) == 1
+                else f"{batch[0].decision.gid} (+{len(batch) - 1} in group)",
             )
         except BaseException as exc:
             result = KafkaResult(KafkaOutcome.UNKNOWN, exc, f"unexpected: {exc!r}")
             raise
         finally:
-            stream.close()
             with b.cond:
                 for member in batch:
                     member.result = result
@@ -160,39 +158,3 @@ class GroupCommitter:
                 else:
                     b.committing = False
         return result
-
-    def _stream(
-        self, b: _SlotBatcher, batch: list[_Member], deadline: float
-    ) -> Iterator[StagedMessage]:
-        """The messages of ``batch``, then of the members that deposit while they are
-        produced, until no member is outstanding, ``max_wait`` has passed or the batch
-        is full. A member joins ``batch`` (and the transaction's outcome) only here."""
-        done = 0
-        while True:
-            while done < len(batch):
-                yield from batch[done].messages
-                done += 1
-            if len(batch) >= self.group.max_batch:
-                return
-            with b.cond:
-                while not b.queue:
-                    left = deadline - time.monotonic()
-                    if b.outstanding <= 0 or left <= 0:
-                        return
-                    b.cond.wait(left)
-                more = b.queue[: self.group.max_batch - len(batch)]
-                del b.queue[: len(more)]
-            batch.extend(more)
-
-
-class _Decisions:
-    """The decision records of a batch, read once its messages are all produced."""
-
-    def __init__(self, stream: Iterator[StagedMessage], batch: list[_Member]) -> None:
-        self._stream = stream
-        self._batch = batch
-
-    def __iter__(self) -> Iterator[DecisionRecord]:
-        for _ in self._stream:  # already exhausted when run_transaction gets here
-            pass
-        return iter([member.decision for member in self._batch])

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -178,19 +178,14 @@ class _Deliveries:
 
 def run_transaction(
     slot: ProducerSlot,
-    messages: Iterable[StagedMessage],
-    decisions: Iterable[DecisionRecord],
+    messages: Sequence[StagedMessage],
+    decisions: Sequence[DecisionRecord],
     decision_topic: str,
     commit_retry: RetryPolicy,
     timeout: float,
     log_id: str,
 ) -> KafkaResult:
-    """Produce ``messages`` and ``decisions`` in one Kafka transaction and commit it.
-
-    Both are iterated once, in that order, after ``begin_transaction()``: the group
-    committer passes a lazy ``messages`` that keeps adding members while the first
-    messages are already on their way.
-    """
+    """Produce ``messages`` and ``decisions`` in one Kafka transaction and commit it."""
     try:
         return _run_transaction(slot, messages, decisions, decision_topic, commit_retry,
                                 timeout, log_id)
@@ -203,8 +198,8 @@ def run_transaction(
 
 def _run_transaction(
     slot: ProducerSlot,
-    messages: Iterable[StagedMessage],
-    decisions: Iterable[DecisionRecord],
+    messages: Sequence[StagedMessage],
+    decisions: Sequence[DecisionRecord],
     decision_topic: str,
     commit_retry: RetryPolicy,
     timeout: float,
@@ -234,6 +229,17 @@ def _run_transaction(
         detail = str(exc) if isinstance(exc, _BeforeCommit) else describe(exc)
         _abort(slot, producer, timeout, log_id)
         return KafkaResult(KafkaOutcome.FAILED_BEFORE_COMMIT, cause, detail)
+    except Exception as exc:
+        # confluent-kafka raises other exceptions too: when the producer is fenced (a
+        # recovery worker's init_transactions()) while delivery reports are pending,
+        # flush() raises SystemError ("<callback> returned a result with an exception
+        # set"), chained to the fatal KafkaException. commit_transaction() was never
+        # called, so the transaction cannot commit: abort, like any error before it.
+        kafka_cause = _kafka_cause(exc)
+        detail = (f"{describe(kafka_cause)} (raised as {type(exc).__name__})"
+                  if kafka_cause is not None else describe(exc))
+        _abort(slot, producer, timeout, log_id)
+        return KafkaResult(KafkaOutcome.FAILED_BEFORE_COMMIT, kafka_cause or exc, detail)
 
     started = time.monotonic()
     retrying = commit_retry.retrying(
@@ -262,6 +268,18 @@ def _run_transaction(
         log.error("gid=%s Kafka commit succeeded but delivery reports disagree "
                   "(pending=%d, error=%s)", log_id, deliveries.pending, deliveries.error)
     return KafkaResult(KafkaOutcome.COMMITTED, commit_seconds=time.monotonic() - started)
+
+
+def _kafka_cause(exc: BaseException) -> KafkaException | None:
+    """The KafkaException an exception was raised from (directly or via its context)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        seen = seen.__cause__ or seen.__context__
+        if isinstance(seen, KafkaException):
+            return seen
+    return None
 
 
 class _BeforeCommit(Exception):
