@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import kafka, postgres
+from . import kafka, postgres, toxiproxy
 from .common import (
     STACK_DIR,
     VENV_PYTHON,
@@ -30,6 +30,7 @@ def _all_serving(cluster: kafka.Cluster) -> bool:
         VENV_PYTHON.exists()
         and postgres.serving()
         and all(b.serving() for b in cluster.brokers)
+        and (not cluster.proxied or toxiproxy.serving())
     )
 
 
@@ -57,17 +58,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     with stack_lock():
         size = args.brokers or kafka.planned_cluster().size
         existing = kafka.load_cluster()
-        if existing is not None and existing.size == size and _all_serving(existing):
+        if (existing is not None and existing.size == size
+                and (existing.proxied or not args.toxiproxy) and _all_serving(existing)):
             say("already up")
             return 0
         java, libs = _install()
-        cluster = kafka.obtain_cluster(size)
+        cluster = kafka.obtain_cluster(size, proxied=args.toxiproxy)
         _check_ports(cluster)
         for broker in cluster.brokers:
             kafka.start_broker(java, libs, cluster, broker)
         postgres.start()
         postgres.wait_ready()
         kafka.wait_ready(cluster, cluster.brokers)
+        if cluster.proxied:
+            toxiproxy.start(cluster)
     say(f"up in {time.monotonic() - started:.1f} s; use it with: eval \"$(scripts/stack env)\"")
     return 0
 
@@ -89,6 +93,10 @@ def cmd_env(_: argparse.Namespace) -> int:
     cluster = kafka.planned_cluster()
     print(f"export PG_DSN={shlex.quote(postgres.DSN)}")
     print(f"export KAFKA_BOOTSTRAP_SERVERS={shlex.quote(cluster.bootstrap)}")
+    if cluster.proxied:
+        print(f"export TOXIPROXY_URL={shlex.quote(toxiproxy.API_URL)}")
+        print(f"export PG_PROXY_DSN={shlex.quote(postgres.PROXY_DSN)}")
+        print(f"export KAFKA_PROXY_BOOTSTRAP_SERVERS={shlex.quote(cluster.proxy_bootstrap)}")
     return 0
 
 
@@ -98,19 +106,25 @@ def cmd_status(_: argparse.Namespace) -> int:
     kafka_up, kafka_lines = kafka.status_lines(cluster)
     for line in [pg_line, *kafka_lines]:
         print(line)
+    toxi_up = True
+    if cluster.proxied:
+        toxi_up, toxi_line = toxiproxy.status_line()
+        print(toxi_line)
     print(f"other logs (downloads, initdb, pip, apt): {STACK_DIR}/*.log")
-    up = pg_up and kafka_up
+    up = pg_up and kafka_up and toxi_up
     print("stack: UP" if up else "stack: NOT (fully) UP; start it with `scripts/stack up`")
     return 0 if up else EXIT_NOT_UP
 
 
 def _stop_all() -> None:
+    toxiproxy.stop()
     kafka.stop_brokers(kafka.known_brokers())
     postgres.stop("fast")
     left = [b.id for b in kafka.known_brokers() if b.pid() is not None]
-    if left or postgres.running_pid() is not None:
+    if left or postgres.running_pid() is not None or toxiproxy.pid() is not None:
         raise StackError(f"still running after down: brokers {left}, "
-                         f"postgres pid {postgres.running_pid()}")
+                         f"postgres pid {postgres.running_pid()}, "
+                         f"toxiproxy pid {toxiproxy.pid()}")
 
 
 def cmd_down(_: argparse.Namespace) -> int:
@@ -124,6 +138,7 @@ def cmd_reset(_: argparse.Namespace) -> int:
     with stack_lock():
         _stop_all()
         shutil.rmtree(kafka.KAFKA_DIR, ignore_errors=True)
+        shutil.rmtree(toxiproxy.HOME, ignore_errors=True)
         postgres.remove_cluster()
     say("reset: data deleted (the Kafka jars and .venv are kept); `scripts/stack up` remakes it")
     return 0
@@ -169,6 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/stack",
         description="A local Apache Kafka (KRaft) + PostgreSQL for development and tests.",
+        epilog="A second, independent stack: STACK_DIR=<folder> STACK_PORT_OFFSET=<n> "
+        "scripts/stack ... (its own data, pid files and logs in <folder>, every port plus "
+        "<n>; the Kafka jars and Toxiproxy build are shared).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: list[tuple[str, Callable[[argparse.Namespace], int], str]] = [
@@ -190,6 +208,11 @@ def _parser() -> argparse.ArgumentParser:
         if name == "up":
             command.add_argument("--brokers", type=int, choices=range(1, 10), metavar="N",
                                  help="number of Kafka brokers (default: as made before, else 1)")
+            command.add_argument("--toxiproxy", action="store_true",
+                                 help="also run Toxiproxy in front of PostgreSQL and every "
+                                 "broker (a PROXIED Kafka listener; kept from then on); "
+                                 "`env` then prints PG_PROXY_DSN, KAFKA_PROXY_BOOTSTRAP_SERVERS "
+                                 "and TOXIPROXY_URL")
         if name in ("kill-kafka", "start-kafka"):
             command.add_argument("--broker", type=int, default=1, metavar="ID",
                                  help="broker id (default 1)")

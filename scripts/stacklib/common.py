@@ -15,9 +15,29 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STACK_DIR = ROOT / ".stack"
+CACHE_DIR = ROOT / ".stack"
+"""Downloads and builds shared by every stack instance (Kafka jars, Toxiproxy, Go caches)."""
+STACK_DIR = (Path(os.environ["STACK_DIR"]).resolve() if os.environ.get("STACK_DIR")
+             else CACHE_DIR)
+"""This instance's data, pid files and logs. ``STACK_DIR=<dir>`` (with
+``STACK_PORT_OFFSET=<n>``) runs a second, independent stack next to the default one."""
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 LOOPBACK = "127.0.0.1"
+
+
+def _port_offset() -> int:
+    raw = os.environ.get("STACK_PORT_OFFSET", "").strip() or "0"
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 20000:
+        raise SystemExit(f"stack: error: STACK_PORT_OFFSET must be 0..20000, not {raw!r}")
+    return value
+
+
+PORT_OFFSET = _port_offset()
+"""Added to every port of this instance (0 for the default stack)."""
 
 
 class StackError(Exception):
@@ -166,8 +186,21 @@ def apt_install(packages: Sequence[str], reason: str) -> None:
 @contextlib.contextmanager
 def stack_lock() -> Iterator[None]:
     """Serialise concurrent `scripts/stack` calls (for example parallel test sessions)."""
-    STACK_DIR.mkdir(parents=True, exist_ok=True)
-    with (STACK_DIR / "lock").open("w") as handle:
+    with _flock(STACK_DIR / "lock"):
+        yield
+
+
+@contextlib.contextmanager
+def cache_lock() -> Iterator[None]:
+    """Serialise downloads and builds into CACHE_DIR between stack instances."""
+    with _flock(CACHE_DIR / "cache.lock"):
+        yield
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

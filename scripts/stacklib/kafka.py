@@ -8,6 +8,13 @@ Layout under .stack/ (git-ignored):
     kafka/broker-<id>/             server.properties, data/, kafka.log, kafka.pid
 Broker <id> listens for clients on 127.0.0.1:(29090 + 2*id) and for the controller
 quorum on the next port: broker 1 uses 29092/29093, brokers 2 and 3 use 29094/29095, 29096/29097.
+The jars are shared by every stack instance (CACHE_DIR); with STACK_PORT_OFFSET every port
+moves by the offset.
+
+With `up --toxiproxy` (recorded in cluster.json as "proxied") each broker also has a PROXIED
+listener on 127.0.0.1:(29120 + id) that advertises Toxiproxy's front port 127.0.0.1:(29130 + id)
+(see toxiproxy.py): a client bootstrapping through Toxiproxy is told the proxied addresses of
+every broker, so all its connections go through Toxiproxy.
 """
 
 from __future__ import annotations
@@ -26,12 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .common import (
+    CACHE_DIR,
     LOOPBACK,
+    PORT_OFFSET,
     ROOT,
     STACK_DIR,
     VENV_PYTHON,
     StackError,
     apt_install,
+    cache_lock,
     ensure_port_free,
     port_answers,
     process_alive,
@@ -48,7 +58,11 @@ PROBE = ROOT / "scripts" / "kafka_probe.py"
 KAFKA_DIR = STACK_DIR / "kafka"
 CLUSTER_FILE = KAFKA_DIR / "cluster.json"
 LOG4J_FILE = KAFKA_DIR / "log4j2.yaml"
-BASE_PORT = 29090
+BASE_PORT = 29090 + PORT_OFFSET
+PROXIED_BASE_PORT = BASE_PORT + 30
+"""Broker <id>'s PROXIED listener: PROXIED_BASE_PORT + id."""
+PROXY_FRONT_BASE_PORT = BASE_PORT + 40
+"""Toxiproxy's listener in front of broker <id>: PROXY_FRONT_BASE_PORT + id."""
 READY_TIMEOUT = 90.0
 PROBE_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
@@ -84,7 +98,7 @@ def kafka_version() -> str:
 
 
 def libs_dir() -> Path:
-    return STACK_DIR / f"kafka-{kafka_version()}" / "libs"
+    return CACHE_DIR / f"kafka-{kafka_version()}" / "libs"
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,16 @@ class Broker:
     @property
     def controller_port(self) -> int:
         return self.client_port + 1
+
+    @property
+    def proxied_port(self) -> int:
+        """The PROXIED listener (used only when the cluster is proxied)."""
+        return PROXIED_BASE_PORT + self.id
+
+    @property
+    def proxy_front_port(self) -> int:
+        """Toxiproxy's port in front of `proxied_port`: what the PROXIED listener advertises."""
+        return PROXY_FRONT_BASE_PORT + self.id
 
     @property
     def data_dir(self) -> Path:
@@ -141,6 +165,8 @@ class Cluster:
 
     cluster_id: str
     size: int
+    proxied: bool = False
+    """Brokers have the PROXIED listener (for Toxiproxy)."""
 
     @property
     def brokers(self) -> list[Broker]:
@@ -154,6 +180,11 @@ class Cluster:
     def bootstrap(self) -> str:
         return ",".join(f"{LOOPBACK}:{b.client_port}" for b in self.brokers)
 
+    @property
+    def proxy_bootstrap(self) -> str:
+        """Bootstrap servers through Toxiproxy (meaningful when `proxied`)."""
+        return ",".join(f"{LOOPBACK}:{b.proxy_front_port}" for b in self.brokers)
+
     def broker(self, broker_id: int) -> Broker:
         if not 1 <= broker_id <= self.size:
             raise StackError(f"no broker {broker_id}: the cluster has brokers 1..{self.size}")
@@ -163,7 +194,8 @@ class Cluster:
 def load_cluster() -> Cluster | None:
     try:
         data = json.loads(CLUSTER_FILE.read_text())
-        return Cluster(cluster_id=str(data["cluster_id"]), size=int(data["brokers"]))
+        return Cluster(cluster_id=str(data["cluster_id"]), size=int(data["brokers"]),
+                       proxied=bool(data.get("proxied", False)))
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError) as exc:
@@ -183,18 +215,38 @@ def _random_cluster_id() -> str:
             return text
 
 
-def obtain_cluster(size: int) -> Cluster:
-    """The existing cluster (which must have `size` brokers) or a new one."""
+def _save_cluster(cluster: Cluster) -> None:
+    KAFKA_DIR.mkdir(parents=True, exist_ok=True)
+    data: dict[str, object] = {"cluster_id": cluster.cluster_id, "brokers": cluster.size}
+    if cluster.proxied:
+        data["proxied"] = True
+    CLUSTER_FILE.write_text(json.dumps(data))
+
+
+def obtain_cluster(size: int, proxied: bool = False) -> Cluster:
+    """The existing cluster (which must have `size` brokers) or a new one.
+
+    `proxied` adds the PROXIED listener (kept from then on); a running broker that
+    lacks it must be stopped first, since its listeners are fixed while it runs.
+    """
     cluster = load_cluster()
     if cluster is None:
-        cluster = Cluster(cluster_id=_random_cluster_id(), size=size)
-        KAFKA_DIR.mkdir(parents=True, exist_ok=True)
-        CLUSTER_FILE.write_text(json.dumps({"cluster_id": cluster.cluster_id, "brokers": size}))
+        cluster = Cluster(cluster_id=_random_cluster_id(), size=size, proxied=proxied)
+        _save_cluster(cluster)
     elif cluster.size != size:
         raise StackError(
             f"the stack's Kafka cluster has {cluster.size} broker(s), not {size}; "
             f"run `scripts/stack reset` first to rebuild it with {size}"
         )
+    elif proxied and not cluster.proxied:
+        running = [b.id for b in cluster.brokers if b.pid() is not None]
+        if running:
+            raise StackError(
+                f"Kafka brokers {running} run without the PROXIED listener Toxiproxy needs; "
+                "run `scripts/stack down` first, then `scripts/stack up --toxiproxy`"
+            )
+        cluster = Cluster(cluster.cluster_id, cluster.size, proxied=True)
+        _save_cluster(cluster)
     return cluster
 
 
@@ -238,9 +290,16 @@ def ensure_jars() -> Path:
     marker = libs.parent / "jars.complete"
     if marker.exists():
         return libs
+    with cache_lock():  # another stack instance may be downloading them right now
+        if marker.exists():
+            return libs
+        return _download_jars(libs, marker)
+
+
+def _download_jars(libs: Path, marker: Path) -> Path:
     ensure_java()
     mvn = ensure_maven()
-    log = STACK_DIR / "mvn.log"
+    log = CACHE_DIR / "mvn.log"
     say(f"downloading Kafka {kafka_version()} jars from Maven Central (log {log})")
     shutil.rmtree(libs, ignore_errors=True)
     try:
@@ -265,16 +324,25 @@ def server_properties(cluster: Cluster, broker: Broker) -> str:
     voters = ",".join(f"{b.id}@{LOOPBACK}:{b.controller_port}" for b in cluster.brokers)
     min_isr = 1 if cluster.size == 1 else 2
     rf = cluster.replication_factor
+    listeners = (f"PLAINTEXT://{LOOPBACK}:{broker.client_port},"
+                 f"CONTROLLER://{LOOPBACK}:{broker.controller_port}")
+    advertised = f"PLAINTEXT://{LOOPBACK}:{broker.client_port}"
+    protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    if cluster.proxied:
+        # Clients that connect to the PROXIED listener (through Toxiproxy) are told the
+        # PROXIED addresses of every broker: Toxiproxy's front ports.
+        listeners += f",PROXIED://{LOOPBACK}:{broker.proxied_port}"
+        advertised += f",PROXIED://{LOOPBACK}:{broker.proxy_front_port}"
+        protocols += ",PROXIED:PLAINTEXT"
     settings = {
         "process.roles": "broker,controller",
         "node.id": broker.id,
         "controller.quorum.voters": voters,
-        "listeners": f"PLAINTEXT://{LOOPBACK}:{broker.client_port},"
-        f"CONTROLLER://{LOOPBACK}:{broker.controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{LOOPBACK}:{broker.client_port}",
+        "listeners": listeners,
+        "advertised.listeners": advertised,
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "listener.security.protocol.map": protocols,
         "log.dirs": broker.data_dir,
         "num.partitions": 1,
         "default.replication.factor": rf,
@@ -321,6 +389,8 @@ def start_broker(java: str, libs: Path, cluster: Cluster, broker: Broker) -> Non
         return
     ensure_port_free(broker.client_port, f"Kafka broker {broker.id}")
     ensure_port_free(broker.controller_port, f"Kafka controller {broker.id}")
+    if cluster.proxied:
+        ensure_port_free(broker.proxied_port, f"Kafka broker {broker.id} (PROXIED listener)")
     broker.dir.mkdir(parents=True, exist_ok=True)
     LOG4J_FILE.write_text(LOG4J_YAML)
     broker.props.write_text(server_properties(cluster, broker))
@@ -429,8 +499,10 @@ def status_lines(cluster: Cluster) -> tuple[bool, list[str]]:
         up = pid is not None and port_answers(b.client_port)
         all_up &= up
         state = f"running, pid {pid}" if up else (f"NOT SERVING, pid {pid}" if pid else "stopped")
+        proxied = (f", proxied {LOOPBACK}:{b.proxied_port} (via Toxiproxy "
+                   f"{LOOPBACK}:{b.proxy_front_port})" if cluster.proxied else "")
         lines.append(
             f"kafka broker {b.id}: {state}; client {LOOPBACK}:{b.client_port}, controller "
-            f"{LOOPBACK}:{b.controller_port}; log {b.log_file}"
+            f"{LOOPBACK}:{b.controller_port}{proxied}; log {b.log_file}"
         )
     return all_up, lines

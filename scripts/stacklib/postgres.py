@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .common import (
     LOOPBACK,
+    PORT_OFFSET,
     STACK_DIR,
     StackError,
     apt_install,
@@ -34,9 +35,12 @@ from .common import (
     tail,
 )
 
-PG_PORT = 25432
+PG_PORT = 25432 + PORT_OFFSET
+PG_PROXY_PORT = PG_PORT + 1
+"""Toxiproxy's listener in front of PostgreSQL (with `up --toxiproxy`)."""
 PG_ROLE = "postgres"
 DSN = f"postgresql://{PG_ROLE}@{LOOPBACK}:{PG_PORT}/postgres"
+PROXY_DSN = f"postgresql://{PG_ROLE}@{LOOPBACK}:{PG_PROXY_PORT}/postgres"
 HOME = STACK_DIR / "postgres"
 DATA = HOME / "data"
 RUN = HOME / "run"

@@ -1,0 +1,214 @@
+"""The faults: random kills of client processes, Kafka broker kill -9 and restart,
+PostgreSQL immediate stop and restart, network cuts and latency through Toxiproxy.
+
+Each fault kind runs in cycles (wait a random moment, inject, wait, heal) until the
+phase's workers are done; every injection is recorded with :meth:`Lab.event`. Service
+faults act through ``scripts/stack`` (``tests/plugins/stack.py``), on the campaign's own
+stack instance; network faults through Toxiproxy's API (``faults/toxiproxy.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from tests.plugins import stack as stack_ops
+
+from .toxiproxy import Toxiproxy
+
+__all__ = ["CUT_MODES", "ENV_KINDS", "Injector", "Lab"]
+
+ENV_KINDS = ("kill-random", "kafka-restart", "pg-restart", "net-cut", "net-latency")
+CUT_MODES = ("down", "blackhole", "lost-replies", "close", "reset")
+"""``down``: the proxy is disabled (connections closed, new ones refused); ``blackhole``:
+no byte passes either way until healed (then the held data flows: a partition that heals);
+``lost-replies``: requests pass but replies are dropped, and the connections are closed at
+the end (a COMMIT PREPARED or a Kafka commit happens, the client never hears of it);
+``close``: no byte passes either way and the connections are closed at the end; ``reset``:
+every connection that sends anything is reset (TCP RST)."""
+
+
+class Lab(Protocol):
+    """What the injectors need from the campaign."""
+
+    brokers: int
+    toxiproxy: Toxiproxy
+
+    def event(self, fault: str, **detail: object) -> None: ...
+
+    def alive_workers(self, ready_only: bool = True) -> list[tuple[str, int]]: ...
+
+    def in_attempt(self, instance: str) -> bool: ...
+
+    def kill_worker(self, instance: str, pid: int) -> bool: ...
+
+
+_toxic_ids = itertools.count(1)
+
+
+class Injector:
+    """Injects one fault kind (or, for ``mixed``, any of them) in cycles."""
+
+    def __init__(self, lab: Lab, rng: random.Random, stop: threading.Event) -> None:
+        self.lab = lab
+        self.rng = rng
+        self.stop = stop
+        self.kafka_lock = threading.Lock()
+        self.pg_lock = threading.Lock()
+        self.net_lock = threading.Lock()
+
+    # -- loops ---------------------------------------------------------------------
+
+    def loop(self, kind: str) -> None:
+        """Cycles of ``kind`` until stopped; ``mixed`` picks a kind at random each time."""
+        cycles: dict[str, Callable[[], None]] = {
+            "kill-random": self.kill_random,
+            "kafka-restart": self.kafka_restart,
+            "pg-restart": self.pg_restart,
+            "net-cut": self.net_cut,
+            "net-latency": self.net_latency,
+        }
+        while not self.stop.is_set():
+            if kind == "mixed":
+                pick = self.rng.choices(list(cycles), weights=[4, 1, 1, 3, 2])[0]
+            else:
+                pick = kind
+            cycles[pick]()
+
+    def _pause(self, low: float, high: float) -> bool:
+        """Wait a random moment; False when the phase is over meanwhile."""
+        return not self.stop.wait(self.rng.uniform(low, high))
+
+    # -- the faults -----------------------------------------------------------------
+
+    def kill_random(self) -> None:
+        """SIGKILL a client process at a random moment. Mostly one that is running
+        operations, and then mostly 0-50 ms after it began an attempt (so that the kills
+        spread over the protocol); sometimes one still starting (opening its coordinator,
+        recovering its own transactions)."""
+        if not self._pause(0.3, 2.0):
+            return
+        alive = self.lab.alive_workers(ready_only=self.rng.random() > 0.1)
+        if not alive:
+            return
+        instance, pid = self.rng.choice(alive)
+        in_op = False
+        if self.rng.random() < 0.75:
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and not self.stop.is_set():
+                if self.lab.in_attempt(instance):
+                    in_op = True
+                    break
+                time.sleep(0.002)
+            time.sleep(self.rng.uniform(0.0, 0.05))
+        if self.lab.kill_worker(instance, pid):
+            self.lab.event("kill-random", worker=instance, pid=pid, after_attempt_began=in_op)
+
+    def kafka_restart(self) -> None:
+        if not self._pause(1.0, 4.0) or not self.kafka_lock.acquire(blocking=False):
+            return
+        try:
+            broker = self.rng.randint(1, self.lab.brokers)
+            stack_ops.kill_kafka(broker)
+            self.lab.event("kafka-restart", broker=broker, action="kill -9")
+            self.stop.wait(self.rng.uniform(1.0, 5.0))
+            _retry(lambda: stack_ops.start_kafka(broker))
+            self.lab.event("kafka-restart", broker=broker, action="started", counts=False)
+        finally:
+            self.kafka_lock.release()
+
+    def pg_restart(self) -> None:
+        if not self._pause(1.0, 4.0) or not self.pg_lock.acquire(blocking=False):
+            return
+        try:
+            stack_ops.pg_stop_immediate()
+            self.lab.event("pg-restart", action="stop -m immediate")
+            self.stop.wait(self.rng.uniform(0.5, 3.0))
+            _retry(stack_ops.pg_start)
+            self.lab.event("pg-restart", action="started", counts=False)
+        finally:
+            self.pg_lock.release()
+
+    def _targets(self) -> list[str]:
+        names = self.lab.toxiproxy.names()
+        kafka = [n for n in names if n.startswith("kafka-")]
+        choice = self.rng.choice(("kafka", "postgres", "both"))
+        return {"kafka": kafka, "postgres": ["postgres"], "both": [*kafka, "postgres"]}[choice]
+
+    def net_cut(self) -> None:
+        if not self._pause(0.5, 3.0) or not self.net_lock.acquire(blocking=False):
+            return
+        tp = self.lab.toxiproxy
+        added: list[tuple[str, str]] = []
+        disabled: list[str] = []
+        try:
+            targets = self._targets()
+            mode = self.rng.choice(CUT_MODES)
+            seconds = self.rng.uniform(1.0, 6.0)
+            for proxy in targets:
+                if mode == "down":
+                    tp.set_enabled(proxy, False)
+                    disabled.append(proxy)
+                    continue
+                streams = (("downstream",) if mode == "lost-replies"
+                           else ("upstream", "downstream"))
+                for stream in streams:
+                    name = f"cut{next(_toxic_ids)}"
+                    if mode == "reset":
+                        tp.add_toxic(proxy, name, "reset_peer", {"timeout": 0}, stream)
+                    else:
+                        timeout_ms = 0 if mode == "blackhole" else int(seconds * 1000)
+                        tp.add_toxic(proxy, name, "timeout", {"timeout": timeout_ms}, stream)
+                    added.append((proxy, name))
+            self.lab.event("net-cut", mode=mode, proxies=targets, seconds=round(seconds, 2))
+            time.sleep(seconds)
+        finally:
+            try:
+                for proxy, name in added:
+                    tp.remove_toxic(proxy, name)
+                for proxy in disabled:
+                    tp.set_enabled(proxy, True)
+            finally:
+                self.net_lock.release()
+
+    def net_latency(self) -> None:
+        if not self._pause(0.5, 2.0) or not self.net_lock.acquire(blocking=False):
+            return
+        tp = self.lab.toxiproxy
+        added: list[tuple[str, str]] = []
+        try:
+            targets = self._targets()
+            latency = self.rng.randint(50, 1000)
+            jitter = self.rng.randint(0, min(200, latency))
+            seconds = self.rng.uniform(2.0, 10.0)
+            for proxy in targets:
+                for stream in ("upstream", "downstream"):
+                    name = f"lat{next(_toxic_ids)}"
+                    tp.add_toxic(proxy, name, "latency",
+                                 {"latency": latency // 2, "jitter": jitter // 2}, stream)
+                    added.append((proxy, name))
+            self.lab.event("net-latency", proxies=targets, latency_ms=latency,
+                           jitter_ms=jitter, seconds=round(seconds, 2))
+            time.sleep(seconds)
+        finally:
+            try:
+                for proxy, name in added:
+                    tp.remove_toxic(proxy, name)
+            finally:
+                self.net_lock.release()
+
+
+def _retry(action: Callable[[], None], attempts: int = 5) -> None:
+    """Restarting a service right after a kill can fail once (a port still held...)."""
+    for i in range(attempts):
+        try:
+            action()
+            return
+        except AssertionError:
+            if i + 1 == attempts:
+                raise
+            time.sleep(2.0)

@@ -1,0 +1,398 @@
+"""One client process of the fault campaign: business operations through a coordinator.
+
+Run by the campaign as ``python -m faults.workload --plan PLAN.json --log LOG.jsonl
+--postgres DSN --bootstrap SERVERS --name N --instance I --topic T --table TBL
+--decision-topic D [--recover-own]``; after a crash the campaign starts it again with
+the same arguments and it carries on where its log says it stopped.
+
+Every operation of the plan has a unique op id. An *attempt* inserts the row
+``(op_id, attempt)`` into ``--table`` and produces ``--messages-per-op`` messages to
+``--topic`` (key = op id, value ``{"op", "n", "attempt"}``), in one coordinated
+transaction. Kinds of operation:
+
+``ok``
+    nothing special;
+``raise``
+    the block raises after its writes (the application's own error): told rolled back;
+``sql_error``
+    a statement fails inside the block and the block catches it, so PREPARE answers
+    ROLLBACK: ``RolledBack``, told rolled back.
+
+``idem`` operations carry the idempotency key ``op:<op id>`` and are retried by the client,
+as a real client would, after every answer that is not final: ``OutcomeUnknown``,
+``IdempotencyKeyBusy``, ``RolledBack`` of an ``ok`` operation (e.g. a network cut), and
+after the process itself was killed in the middle of the operation. Other operations are
+retried only after an answer that guarantees nothing happened (``RolledBack`` of an ``ok``
+operation, ``ServiceUnavailable`` at BEGIN); an ``OutcomeUnknown`` or a kill is final for
+them ("unknown").
+
+``crash`` names a protocol point (``tests.crash.worker.POINTS``): the process SIGKILLs
+itself there during the operation, once. The hooks are those of ``tests/crash/worker.py``
+(a ``confluent_kafka.Producer`` subclass and wrappers of ``coordinator._pg``); for
+``during_commit`` and ``during_pg_commit`` the kill comes from another thread
+``kill_delay_us`` after the real call was entered, so that both "not yet" and "already
+through" happen.
+
+The log: JSON lines written with ``tests.crash.worker._State.emit`` (flushed and fsync-ed
+before the next step, so they survive the kill):
+
+* ``start`` (pid), ``recover_own`` (what ``recovery.recover_own`` resolved at start-up);
+* ``attempt`` {op, attempt, key, kind, armed} before an attempt begins;
+* ``gid`` {op, attempt, gid} right before ``PREPARE TRANSACTION`` (so every prepared
+  transaction can be traced to its attempt);
+* ``crash`` {op, point, gid, ...} right before a deliberate kill (``tests.crash.worker``);
+* ``result`` {op, attempt, told, error, phase, gid}: what this attempt was told --
+  ``committed``, ``already_committed`` (an earlier attempt committed), ``pending``
+  (``CommittedPendingRecovery``), ``rolled_back``, ``busy`` (key held by another
+  attempt: this one did nothing), ``unknown`` (``OutcomeUnknown``), ``error`` (anything
+  unexpected), ``killed`` (written after a restart for an attempt the kill interrupted);
+* ``op`` {op, told, error, attempts}: the client's final answer for the operation
+  (``committed``, ``rolled_back`` or ``unknown``) -- the same record ``tests.crash.checker``
+  reads;
+* ``end`` when the plan is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import heapq
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg.errors
+from psycopg import sql
+
+import coordinator._kafka
+import coordinator._pg
+import recovery
+from coordinator import (
+    AlreadyCommitted,
+    CommittedPendingRecovery,
+    Coordinator,
+    CoordinatorConfig,
+    DecisionTopic,
+    Error,
+    IdempotencyKeyBusy,
+    OutcomeUnknown,
+    RolledBack,
+    ServiceUnavailable,
+)
+from tests.crash import worker as crash_worker
+
+__all__ = ["COMMITTED_TOLD", "FINAL_TOLD", "NOT_APPLIED_TOLD", "POINTS", "main"]
+
+POINTS = tuple(p for p in crash_worker.POINTS if p not in ("none", "stop"))
+"""The deterministic crash points, in protocol order."""
+
+COMMITTED_TOLD = frozenset({"committed", "already_committed", "pending"})
+"""Attempt answers that say the operation is committed."""
+NOT_APPLIED_TOLD = frozenset({"rolled_back", "busy"})
+"""Attempt answers that say this attempt changed nothing."""
+FINAL_TOLD = ("committed", "rolled_back", "unknown")
+
+MAX_ATTEMPTS = 6
+OP_DEADLINE = 240.0
+"""Seconds after its first attempt an operation is given up (told unknown)."""
+RETRY_AFTER = {"busy": 2.0, "unknown": 3.0, "killed": 0.5, "rolled_back": 0.3, "error": 1.0}
+
+log = logging.getLogger("faults.workload")
+
+
+class DeliberateFailure(Exception):
+    """The application's own error inside the block (kind ``raise``)."""
+
+
+@dataclass
+class OpState:
+    spec: dict[str, Any]
+    attempts: list[str] = field(default_factory=list)
+    """What each attempt was told, in order."""
+    first_at: float | None = None
+    crashed: bool = False
+
+    @property
+    def op(self) -> str:
+        return str(self.spec["op"])
+
+    @property
+    def idem(self) -> bool:
+        return bool(self.spec.get("idem"))
+
+    @property
+    def kind(self) -> str:
+        return str(self.spec.get("kind", "ok"))
+
+    def final(self) -> str | None:
+        """The client's final answer when no further attempt will be made, else None."""
+        if not self.attempts:
+            return None
+        last = self.attempts[-1]
+        if any(t in COMMITTED_TOLD for t in self.attempts):
+            return "committed"
+        if self.kind != "ok" and last in NOT_APPLIED_TOLD and last != "busy":
+            return "rolled_back"  # the application's own failure: it does not retry
+        retry = (last in ("unknown", "killed", "busy", "rolled_back", "error") if self.idem
+                 else last == "rolled_back")
+        if retry and len(self.attempts) < MAX_ATTEMPTS and not self._expired():
+            return None
+        if all(t in NOT_APPLIED_TOLD for t in self.attempts):
+            return "rolled_back"
+        return "unknown"
+
+    def _expired(self) -> bool:
+        return self.first_at is not None and time.monotonic() - self.first_at > OP_DEADLINE
+
+
+class Client:
+    """Runs the plan's operations through one coordinator, logging what it is told."""
+
+    def __init__(self, args: argparse.Namespace, state: crash_worker._State,
+                 ops: list[OpState]) -> None:
+        self.args = args
+        self.state = state
+        self.ops = ops
+        self.current: tuple[str, int] | None = None
+
+    # -- hooks -----------------------------------------------------------------
+
+    def install(self) -> None:
+        """The crash hooks of ``tests/crash/worker.py``, plus a record of every gid right
+        before its PREPARE (so that recovery's work can be traced to attempts)."""
+        crash_worker._install(self.state)
+        client = self
+        their_prepare = coordinator._pg.prepare
+
+        def prepare(conn: Any, gid: str) -> None:
+            if client.current is not None:
+                op, attempt = client.current
+                client.state.emit(event="gid", op=op, attempt=attempt, gid=gid)
+            their_prepare(conn, gid)
+
+        setattr(coordinator._pg, "prepare", prepare)  # noqa: B010 - monkeypatching on purpose
+
+    # -- operations ------------------------------------------------------------
+
+    def attempt(self, coord: Coordinator, op: OpState) -> str:
+        args = self.args
+        number = len(op.attempts) + 1
+        armed = op.spec.get("crash") if not op.crashed else None
+        st = self.state
+        st.op, st.gid = op.op, None
+        st.crash_op = op.op
+        st.point = armed or "none"
+        st.kill_delay_us = int(op.spec.get("kill_delay_us") or 0)
+        self.current = (op.op, number)
+        key = f"op:{op.op}" if op.idem else None
+        st.emit(event="attempt", op=op.op, attempt=number, key=key, kind=op.kind, armed=armed,
+                t=time.time())
+        if op.first_at is None:
+            op.first_at = time.monotonic()
+        tx = coord.transaction(idempotency_key=key)
+        told: str = "committed"
+        error: BaseException | None = None
+        phase: Any = None
+        inside = False
+        try:
+            with tx:
+                inside = True
+                tx.execute(sql.SQL("INSERT INTO {} (op_id, attempt, instance) VALUES "
+                                   "(%s, %s, %s)").format(sql.Identifier(args.table)),
+                           (op.op, number, args.instance))
+                for n in range(args.messages_per_op):
+                    tx.produce(args.topic, key=op.op, value=json.dumps(
+                        {"op": op.op, "n": n, "attempt": number}, sort_keys=True))
+                if op.kind == "raise":
+                    raise DeliberateFailure(op.op)
+                if op.kind == "sql_error":
+                    with contextlib.suppress(psycopg.errors.DivisionByZero):
+                        tx.execute("SELECT 1 / 0")
+                inside = False
+        except AlreadyCommitted as exc:
+            told, error, phase = "already_committed", exc, exc.phase
+        except CommittedPendingRecovery as exc:
+            told, error, phase = "pending", exc, exc.phase
+        except OutcomeUnknown as exc:
+            told, error, phase = "unknown", exc, exc.phase
+        except IdempotencyKeyBusy as exc:
+            told, error, phase = "busy", exc, exc.phase
+        except (RolledBack, ServiceUnavailable) as exc:
+            # ServiceUnavailable comes from BEGIN only: nothing was done.
+            told, error, phase = "rolled_back", exc, exc.phase
+        except Error as exc:
+            told, error, phase = "error", exc, exc.phase
+        except Exception as exc:
+            # Raised inside the block (ours, or the driver's): the coordinator rolled back.
+            told, error = ("rolled_back" if inside else "error"), exc
+        self.current = None
+        st.emit(event="result", op=op.op, attempt=number, told=told,
+                error=None if error is None else type(error).__name__,
+                detail=None if error is None else str(error)[:300],
+                phase=None if phase is None else str(phase.value),
+                gid=tx.gid, status=tx.status.value, t=time.time())
+        return told
+
+    def run(self, coord: Coordinator) -> None:
+        """Fresh operations in plan order (interrupted ones first), retries when due."""
+        pace = float(self.args.pace)
+        fresh = collections.deque(sorted(self.ops, key=lambda o: 0 if o.attempts else 1))
+        deferred: list[tuple[float, int, OpState]] = []
+        seq = 0
+        while fresh or deferred:
+            now = time.monotonic()
+            if deferred and deferred[0][0] <= now:
+                op = heapq.heappop(deferred)[2]
+            elif fresh:
+                op = fresh.popleft()
+                if pace > 0 and not op.attempts:
+                    time.sleep(pace)
+            else:
+                time.sleep(min(deferred[0][0] - now, 0.5))
+                continue
+            told = self.attempt(coord, op)
+            op.attempts.append(told)
+            final = op.final()
+            if final is not None:
+                self._final(op, final)
+                continue
+            seq += 1
+            heapq.heappush(deferred, (time.monotonic() + RETRY_AFTER.get(told, 1.0), seq, op))
+
+    def _final(self, op: OpState, told: str) -> None:
+        self.state.emit(event="op", op=op.op, told=told, attempts=len(op.attempts),
+                        error=None if told == "committed" else op.attempts[-1])
+
+
+def resume(path: Path, plan: list[dict[str, Any]],
+           emit: Callable[..., None]) -> list[OpState]:
+    """The operations still to do, from the plan and what the log says happened.
+
+    An attempt with no ``result`` was interrupted by a kill: it is recorded as ``killed``
+    now. Operations with a final ``op`` record are done.
+    """
+    lines: list[dict[str, Any]] = []
+    if path.exists():
+        for raw in path.read_text(encoding="utf-8").splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                continue  # torn by the kill
+    done = {ln["op"] for ln in lines if ln.get("event") == "op"}
+    attempts: dict[str, list[str]] = {}
+    open_attempt: dict[str, int] = {}
+    crashed: set[str] = set()
+    for ln in lines:
+        ev, op = ln.get("event"), str(ln.get("op"))
+        if ev == "attempt":
+            attempts.setdefault(op, [])
+            open_attempt[op] = int(ln["attempt"])
+        elif ev == "result":
+            attempts.setdefault(op, []).append(str(ln["told"]))
+            open_attempt.pop(op, None)
+        elif ev == "crash":
+            crashed.add(op)
+    out: list[OpState] = []
+    for spec in plan:
+        op_id = str(spec["op"])
+        if op_id in done:
+            continue
+        st = OpState(spec, list(attempts.get(op_id, [])), crashed=op_id in crashed)
+        if op_id in open_attempt:
+            emit(event="result", op=op_id, attempt=open_attempt[op_id], told="killed",
+                 error="killed", detail="the client process was killed during this attempt",
+                 phase=None, gid=None, status=None, t=time.time())
+            st.attempts.append("killed")
+        if st.attempts:
+            st.first_at = time.monotonic()
+            final = st.final()
+            if final is not None:
+                emit(event="op", op=op_id, told=final, attempts=len(st.attempts),
+                     error=None if final == "committed" else st.attempts[-1])
+                continue
+        out.append(st)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m faults.workload", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", required=True, help="JSON: {\"ops\": [{op, kind, idem, crash, "
+                   "kill_delay_us}, ...]}")
+    p.add_argument("--log", required=True, help="JSON lines, appended")
+    p.add_argument("--postgres", required=True)
+    p.add_argument("--bootstrap", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--instance", required=True)
+    p.add_argument("--topic", required=True)
+    p.add_argument("--table", required=True)
+    p.add_argument("--decision-topic", required=True)
+    p.add_argument("--decision-partitions", type=int, default=3)
+    p.add_argument("--producers", type=int, default=2)
+    p.add_argument("--messages-per-op", type=int, default=2)
+    p.add_argument("--transaction-timeout-ms", type=int, default=10_000)
+    p.add_argument("--pace", type=float, default=0.0, help="seconds to wait before each op")
+    p.add_argument("--recover-own", action="store_true",
+                   help="run recovery.recover_own right after the coordinator opened")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s {args.instance} %(levelname)s %(name)s "
+                        "%(message)s")
+    plan = json.loads(Path(args.plan).read_text(encoding="utf-8"))["ops"]
+    log_path = Path(args.log)
+    out = log_path.open("a", encoding="utf-8")
+    if log_path.stat().st_size and not log_path.read_bytes().endswith(b"\n"):
+        out.write("\n")  # a line torn by the kill stays alone (and is skipped)
+    state = crash_worker._State(out, "none", "")
+    ops = resume(log_path, plan, state.emit)
+    client = Client(args, state, ops)
+    client.install()
+    kafka = {"bootstrap.servers": args.bootstrap}
+    config = CoordinatorConfig(
+        decision_topic=DecisionTopic(name=args.decision_topic,
+                                     partitions=args.decision_partitions),
+        producers=args.producers,
+        transaction_timeout_ms=args.transaction_timeout_ms,
+        kafka_timeout=10.0,
+        startup_timeout=20.0,
+        connection_timeout=10.0,
+        pool_max_size=4,
+        idempotency_wait_ms=1000,
+    )
+    coord = Coordinator(args.postgres, kafka, args.name, instance=args.instance, config=config)
+    coord.open()  # fails (non-zero exit) while a service is down: the campaign retries
+    state.emit(event="start", pid=os.getpid(), instance=args.instance, todo=len(ops),
+               transactional_ids=coord.transactional_ids, t=time.time())
+    if args.recover_own:
+        try:
+            report = recovery.recover_own(coord, kafka, recovery.RecoveryConfig(
+                kafka_timeout=10.0, lso_wait_seconds=15.0, lock_wait_seconds=10.0))
+            state.emit(event="recover_own", committed=report.committed,
+                       rolled_back=report.rolled_back, skipped=report.skipped,
+                       remaining=[r.gid for r in report.remaining], t=time.time())
+        except Exception as exc:  # recovery is best effort here; the campaign's runs follow
+            state.emit(event="recover_own_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+    client.run(coord)
+    state.emit(event="end", t=time.time())
+    out.close()
+    closer = threading.Thread(target=coord.close, daemon=True)
+    closer.start()
+    closer.join(15)
+    os._exit(0)  # no interpreter shutdown: librdkafka threads may linger after a fault
+
+
+if __name__ == "__main__":
+    sys.exit(main())
