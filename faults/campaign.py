@@ -80,6 +80,8 @@ class Settings:
     port_offset: int
     keep_stack: bool
     out: str
+    group_commit: bool = False
+    threads: int = 1
     command: str = ""
 
 
@@ -123,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="recovery's grace period (> transaction.timeout.ms = 10 s)")
     p.add_argument("--recovery-interval", type=float, default=5.0,
                    help="seconds between runs of the recovery command during the phases")
+    p.add_argument("--group-commit", action="store_true",
+                   help="coordinators with group commit (GroupCommit()): concurrent "
+                   "transactions of a client process share Kafka transactions")
+    p.add_argument("--threads", type=int, default=None,
+                   help="client threads per process, sharing its coordinator (default 1; "
+                   "4 with --group-commit)")
     p.add_argument("--messages-per-op", type=int, default=2)
     p.add_argument("--jitter-kafka-ms", type=float, default=12.0,
                    help="kill:during_commit kills up to this long after commit_transaction() "
@@ -379,6 +387,26 @@ class Campaign:
             sl.proc.kill()
             return True
 
+    def kill_broker_now(self, broker: int) -> None:
+        """``kill -9`` of broker ``broker`` by its pid file (what ``scripts/stack
+        kill-kafka`` does, without starting a process first)."""
+        bdir = Path(self.s.stack_dir) / "kafka" / f"broker-{broker}"
+        pid = _pid_of(bdir / "kafka.pid", str(bdir / "server.properties"))
+        if pid is None:
+            raise CampaignError(f"Kafka broker {broker} is not running")
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid, 10.0)
+
+    def stop_postgres_now(self) -> None:
+        """``pg_ctl stop -m immediate`` is SIGQUIT to the postmaster: sent here directly,
+        by the pid in postmaster.pid, then wait until the postmaster is gone."""
+        data = Path(self.s.stack_dir) / "postgres" / "data"
+        pid = _pid_of(data / "postmaster.pid", str(data))
+        if pid is None:
+            raise CampaignError("PostgreSQL is not running")
+        os.kill(pid, signal.SIGQUIT)
+        _wait_gone(pid, 30.0)
+
     # -- workers -------------------------------------------------------------------------
 
     def _command(self, sl: Slot) -> list[str]:
@@ -387,7 +415,11 @@ class Campaign:
                self.services.proxy_bootstrap, "--name", NAME, "--instance", sl.instance,
                "--topic", self.topic, "--table", self.table, "--decision-topic",
                self.decision_topic, "--messages-per-op", str(self.s.messages_per_op),
-               "--pace", str(self._pace)]
+               "--pace", str(self._pace), "--threads", str(self.s.threads)]
+        if self.s.group_commit:
+            # One producer: every transaction of the process in flight together shares
+            # its Kafka transaction.
+            cmd += ["--group-commit", "--producers", "1"]
         if sl.recover_own:
             cmd.append("--recover-own")
         return cmd
@@ -411,7 +443,8 @@ class Campaign:
         pdir.mkdir(parents=True, exist_ok=True)
         env_fault = kind in ENV_KINDS or kind == "mixed"
         # Faults come in cycles through the phase: the operations are spread over it.
-        self._pace = (s.phase_seconds * s.workers / max(1, len(ops))) if env_fault else 0.0
+        self._pace = ((s.phase_seconds * s.workers * s.threads / max(1, len(ops)))
+                      if env_fault else 0.0)
         slots = []
         for w in range(s.workers):
             mine = ops[w::s.workers]
@@ -423,6 +456,7 @@ class Campaign:
             self.slots = slots
         started = time.monotonic()
         say(f"phase {idx + 1}/{len(s.faults)}: {kind}: {len(ops)} ops, {s.workers} workers"
+            + (f" x {s.threads} threads" if s.threads > 1 else "")
             + (f", pace {self._pace:.2f} s/op/worker" if self._pace else ""))
         for sl in slots:
             self._start(sl)
@@ -560,6 +594,30 @@ class Campaign:
             time.sleep(2.0)
 
 
+def _pid_of(pid_file: Path, must_contain: str) -> int | None:
+    """The live process of a pid file whose command line mentions ``must_contain``."""
+    try:
+        first = pid_file.read_text().split("\n", 1)[0].strip()
+        pid = int(first)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, ValueError):
+        return None
+    return pid if must_contain in cmdline else None
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.02)
+    raise CampaignError(f"process {pid} still alive {timeout:g} s after the signal")
+
+
 def _started(sl: Slot) -> bool:
     """Whether the slot's current process logged its ``start`` record."""
     try:
@@ -607,6 +665,34 @@ def render_table(table: dict[str, dict[str, int]], kinds: list[str],
         n = kill_outcomes.get(point, Counter())
         lines.append(f"| {point} | {sum(n.values())} | {n['committed']} | {n['rolled back']} |")
     return "\n".join(lines)
+
+
+def fault_totals(events: Path, kills: Counter[str]) -> str:
+    """One line: how many faults of each kind the whole run injected."""
+    count: Counter[str] = Counter()
+    cuts: Counter[str] = Counter()
+    for raw in events.read_text(encoding="utf-8").splitlines():
+        ev = json.loads(raw)
+        fault, action = ev.get("fault"), ev.get("action")
+        if fault == "kafka-restart" and action == "kill -9":
+            count["broker kill -9 + restart"] += 1
+        elif fault == "pg-restart" and action == "stop -m immediate":
+            count["PostgreSQL stop -m immediate + restart"] += 1
+        elif fault == "kill-random":
+            count["random kill -9 of a client"] += 1
+        elif fault == "kill-recovery":
+            count["kill -9 of the recovery command"] += 1
+        elif fault == "net-cut":
+            count["network cuts"] += 1
+            cuts[str(ev.get("mode"))] += 1
+        elif fault == "net-latency":
+            count["latency periods"] += 1
+    parts = [f"kill -9 at a protocol step {sum(kills.values())}"]
+    parts += [f"{k} {v}" for k, v in count.items() if "network" not in k]
+    if count["network cuts"]:
+        detail = ", ".join(f"{m} {n}" for m, n in sorted(cuts.items()))
+        parts.append(f"network cuts {count['network cuts']} ({detail})")
+    return "; ".join(parts)
 
 
 # --- main --------------------------------------------------------------------------------
@@ -679,10 +765,13 @@ def _run(s: Settings, run_id: str, out: Path, t0: float) -> int:
     summary = [
         f"seed={s.seed}",
         f"command: {s.command}",
-        f"brokers={s.brokers} workers={s.workers} grace={s.grace_seconds:g}s "
+        f"brokers={s.brokers} workers={s.workers} threads={s.threads} "
+        f"commit={'group' if s.group_commit else 'per-operation'} grace={s.grace_seconds:g}s "
         f"stack up {started_stack:.0f} s, campaign {elapsed:.0f} s",
         "",
         table_text,
+        "",
+        "faults injected: " + fault_totals(out / "events.jsonl", result.kills),
         "",
         "columns: ops = operations attempted; faults = faults injected in that phase (kill -9 "
         "at a protocol step, random kill -9 of a client or of the recovery command, broker "
@@ -746,7 +835,8 @@ def main(argv: list[str] | None = None) -> int:
         recovery_interval=args.recovery_interval, messages_per_op=args.messages_per_op,
         jitter_kafka_ms=args.jitter_kafka_ms, jitter_pg_ms=args.jitter_pg_ms,
         stack_dir=str(Path(args.stack_dir).resolve()), port_offset=args.port_offset,
-        keep_stack=args.keep_stack, out=args.out or "",
+        keep_stack=args.keep_stack, out=args.out or "", group_commit=args.group_commit,
+        threads=args.threads if args.threads is not None else (4 if args.group_commit else 1),
     )
     s.command = "scripts/faults " + " ".join(shlex.quote(a) for a in (
         argv if argv is not None else sys.argv[1:]))

@@ -2,9 +2,13 @@
 PostgreSQL immediate stop and restart, network cuts and latency through Toxiproxy.
 
 Each fault kind runs in cycles (wait a random moment, inject, wait, heal) until the
-phase's workers are done; every injection is recorded with :meth:`Lab.event`. Service
-faults act through ``scripts/stack`` (``tests/plugins/stack.py``), on the campaign's own
-stack instance; network faults through Toxiproxy's API (``faults/toxiproxy.py``).
+phase's workers are done; every injection is recorded with :meth:`Lab.event`. Most
+injections are *aimed*: they wait for a client to begin an attempt, so that they land
+inside an operation. Services are stopped with a signal to the pid in their pid file
+(``kill -9`` of the broker; SIGQUIT to the postmaster, which is what ``pg_ctl stop -m
+immediate`` sends) -- at once, which ``scripts/stack``'s commands are not -- and started
+again with ``scripts/stack`` (``tests/plugins/stack.py``), on the campaign's own stack
+instance; network faults go through Toxiproxy's API (``faults/toxiproxy.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class Lab(Protocol):
 
     def kill_worker(self, instance: str, pid: int) -> bool: ...
 
+    def kill_broker_now(self, broker: int) -> None: ...
+
+    def stop_postgres_now(self) -> None: ...
+
 
 _toxic_ids = itertools.count(1)
 
@@ -83,6 +91,22 @@ class Injector:
         """Wait a random moment; False when the phase is over meanwhile."""
         return not self.stop.wait(self.rng.uniform(low, high))
 
+    def _aim(self) -> bool:
+        """Three times in four, wait (up to 5 s) for a client to begin an attempt and
+        then 0-25 ms more, so that the fault lands inside an operation -- in PREPARE,
+        the Kafka transaction or COMMIT PREPARED -- rather than between two of them.
+        Returns whether it did."""
+        if self.rng.random() >= 0.75:
+            return False
+        delay = self.rng.uniform(0.0, 0.025)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if any(self.lab.in_attempt(inst) for inst, _ in self.lab.alive_workers()):
+                time.sleep(delay)
+                return True
+            time.sleep(0.002)
+        return False
+
     # -- the faults -----------------------------------------------------------------
 
     def kill_random(self) -> None:
@@ -113,8 +137,9 @@ class Injector:
             return
         try:
             broker = self.rng.randint(1, self.lab.brokers)
-            stack_ops.kill_kafka(broker)
-            self.lab.event("kafka-restart", broker=broker, action="kill -9")
+            aimed = self._aim()
+            self.lab.kill_broker_now(broker)
+            self.lab.event("kafka-restart", broker=broker, action="kill -9", aimed=aimed)
             self.stop.wait(self.rng.uniform(1.0, 5.0))
             _retry(lambda: stack_ops.start_kafka(broker))
             self.lab.event("kafka-restart", broker=broker, action="started", counts=False)
@@ -125,8 +150,9 @@ class Injector:
         if not self._pause(1.0, 4.0) or not self.pg_lock.acquire(blocking=False):
             return
         try:
-            stack_ops.pg_stop_immediate()
-            self.lab.event("pg-restart", action="stop -m immediate")
+            aimed = self._aim()
+            self.lab.stop_postgres_now()
+            self.lab.event("pg-restart", action="stop -m immediate", aimed=aimed)
             self.stop.wait(self.rng.uniform(0.5, 3.0))
             _retry(stack_ops.pg_start)
             self.lab.event("pg-restart", action="started", counts=False)
@@ -149,6 +175,7 @@ class Injector:
             targets = self._targets()
             mode = self.rng.choice(CUT_MODES)
             seconds = self.rng.uniform(1.0, 6.0)
+            aimed = self._aim()
             for proxy in targets:
                 if mode == "down":
                     tp.set_enabled(proxy, False)
@@ -164,7 +191,8 @@ class Injector:
                         timeout_ms = 0 if mode == "blackhole" else int(seconds * 1000)
                         tp.add_toxic(proxy, name, "timeout", {"timeout": timeout_ms}, stream)
                     added.append((proxy, name))
-            self.lab.event("net-cut", mode=mode, proxies=targets, seconds=round(seconds, 2))
+            self.lab.event("net-cut", mode=mode, proxies=targets, seconds=round(seconds, 2),
+                           aimed=aimed)
             time.sleep(seconds)
         finally:
             try:

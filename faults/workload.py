@@ -67,7 +67,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 import psycopg.errors
@@ -83,6 +83,7 @@ from coordinator import (
     CoordinatorConfig,
     DecisionTopic,
     Error,
+    GroupCommit,
     IdempotencyKeyBusy,
     OutcomeUnknown,
     RolledBack,
@@ -107,6 +108,32 @@ OP_DEADLINE = 240.0
 RETRY_AFTER = {"busy": 2.0, "unknown": 3.0, "killed": 0.5, "rolled_back": 0.3, "error": 1.0}
 
 log = logging.getLogger("faults.workload")
+
+
+class ThreadState(crash_worker._State):
+    """``tests.crash.worker._State`` with the per-operation fields kept per thread, so that
+    several threads can share one coordinator (``--threads``, for group commit): each
+    thread's hooks see its own operation. Under group commit the Kafka commit runs in the
+    thread that leads the batch, so a Kafka crash point fires only when the armed
+    operation's thread leads; the PostgreSQL points always fire."""
+
+    _FIELDS: ClassVar[dict[str, Any]] = {
+        "op": None, "gid": None, "point": "none", "crash_op": "", "kill_delay_us": 0}
+
+    def __init__(self, out: Any, point: str, crash_op: str) -> None:
+        object.__setattr__(self, "_local", threading.local())
+        super().__init__(out, point, crash_op)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ThreadState._FIELDS:
+            return getattr(self._local, name, ThreadState._FIELDS[name])
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ThreadState._FIELDS:
+            setattr(self._local, name, value)
+        else:
+            object.__setattr__(self, name, value)
 
 
 class DeliberateFailure(Exception):
@@ -162,7 +189,17 @@ class Client:
         self.args = args
         self.state = state
         self.ops = ops
-        self.current: tuple[str, int] | None = None
+        self._local = threading.local()
+
+    @property
+    def current(self) -> tuple[str, int] | None:
+        """The attempt this thread runs: (op id, attempt number)."""
+        value: tuple[str, int] | None = getattr(self._local, "current", None)
+        return value
+
+    @current.setter
+    def current(self, value: tuple[str, int] | None) -> None:
+        self._local.current = value
 
     # -- hooks -----------------------------------------------------------------
 
@@ -243,9 +280,32 @@ class Client:
         return told
 
     def run(self, coord: Coordinator) -> None:
+        """The plan's operations on ``--threads`` threads sharing the coordinator."""
+        threads = max(1, int(self.args.threads))
+        if threads == 1:
+            self.run_ops(coord, self.ops)
+            return
+        errors: list[BaseException] = []
+
+        def one(ops: list[OpState]) -> None:
+            try:
+                self.run_ops(coord, ops)
+            except BaseException as exc:  # re-raised below: the process must fail
+                errors.append(exc)
+
+        workers = [threading.Thread(target=one, args=(self.ops[i::threads],),
+                                    name=f"client-{i}") for i in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def run_ops(self, coord: Coordinator, ops: list[OpState]) -> None:
         """Fresh operations in plan order (interrupted ones first), retries when due."""
         pace = float(self.args.pace)
-        fresh = collections.deque(sorted(self.ops, key=lambda o: 0 if o.attempts else 1))
+        fresh = collections.deque(sorted(ops, key=lambda o: 0 if o.attempts else 1))
         deferred: list[tuple[float, int, OpState]] = []
         seq = 0
         while fresh or deferred:
@@ -255,7 +315,12 @@ class Client:
             elif fresh:
                 op = fresh.popleft()
                 if pace > 0 and not op.attempts:
-                    time.sleep(pace)
+                    if int(self.args.threads) > 1:
+                        # Every thread starts on the same tick, so that their transactions
+                        # reach the commit together (group commit batches them).
+                        time.sleep(pace - time.monotonic() % pace)
+                    else:
+                        time.sleep(pace)
             else:
                 time.sleep(min(deferred[0][0] - now, 0.5))
                 continue
@@ -341,6 +406,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--messages-per-op", type=int, default=2)
     p.add_argument("--transaction-timeout-ms", type=int, default=10_000)
     p.add_argument("--pace", type=float, default=0.0, help="seconds to wait before each op")
+    p.add_argument("--threads", type=int, default=1,
+                   help="client threads sharing the coordinator (for group commit)")
+    p.add_argument("--group-commit", action="store_true",
+                   help="CoordinatorConfig(group_commit=GroupCommit())")
     p.add_argument("--recover-own", action="store_true",
                    help="run recovery.recover_own right after the coordinator opened")
     return p
@@ -356,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = log_path.open("a", encoding="utf-8")
     if log_path.stat().st_size and not log_path.read_bytes().endswith(b"\n"):
         out.write("\n")  # a line torn by the kill stays alone (and is skipped)
-    state = crash_worker._State(out, "none", "")
+    state = ThreadState(out, "none", "")
     ops = resume(log_path, plan, state.emit)
     client = Client(args, state, ops)
     client.install()
@@ -369,8 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         kafka_timeout=10.0,
         startup_timeout=20.0,
         connection_timeout=10.0,
-        pool_max_size=4,
+        pool_max_size=max(4, 2 * args.threads),
         idempotency_wait_ms=1000,
+        group_commit=GroupCommit() if args.group_commit else None,
     )
     coord = Coordinator(args.postgres, kafka, args.name, instance=args.instance, config=config)
     coord.open()  # fails (non-zero exit) while a service is down: the campaign retries

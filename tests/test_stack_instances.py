@@ -3,6 +3,7 @@ listener for Toxiproxy (used by the fault campaign, scripts/faults). Nothing is 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -52,3 +53,22 @@ def test_proxied_cluster_advertises_toxiproxy(tmp_path: Path) -> None:
     assert "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT," \
         "PROXIED:PLAINTEXT" in props
     assert "inter.broker.listener.name=PLAINTEXT" in props
+
+
+def test_process_runs_waits_for_a_process_that_is_still_starting() -> None:
+    """A pid file written right after spawning can be read while the new process still
+    shows its parent's (or an empty) command line: that is not a stale pid file."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        process_runs = importlib.import_module("stacklib.common").process_runs
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                             "marker-for-process-runs"])
+    try:
+        assert process_runs(proc.pid, "marker-for-process-runs")
+        assert not process_runs(proc.pid, "something-else", settle=0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not process_runs(proc.pid, "marker-for-process-runs", settle=0.2)

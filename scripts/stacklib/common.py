@@ -119,6 +119,23 @@ def process_cmdline(pid: int) -> str:
     return raw.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
+def process_runs(pid: int, needle: str, settle: float = 2.0) -> bool:
+    """True when `pid` is alive and its command line contains `needle`.
+
+    A process started an instant ago can still show an empty (or its parent's) command
+    line while the kernel finishes its exec; a live process that does not match yet is
+    looked at again for up to `settle` seconds before it is declared someone else's.
+    """
+    deadline = time.monotonic() + settle
+    while process_alive(pid):
+        if needle in process_cmdline(pid):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return False
+
+
 def wait_for_exit(pid: int, timeout: float) -> bool:
     """Wait until `pid` is gone; True when it went away within `timeout` seconds."""
     deadline = time.monotonic() + timeout

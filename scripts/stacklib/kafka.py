@@ -44,8 +44,7 @@ from .common import (
     cache_lock,
     ensure_port_free,
     port_answers,
-    process_alive,
-    process_cmdline,
+    process_runs,
     read_pid,
     run_logged,
     say,
@@ -150,7 +149,7 @@ class Broker:
         pid = read_pid(self.pid_file)
         if pid is None:
             return None
-        if process_alive(pid) and str(self.props) in process_cmdline(pid):
+        if process_runs(pid, str(self.props)):
             return pid
         self.pid_file.unlink(missing_ok=True)
         return None

@@ -35,8 +35,7 @@ from .common import (
     apt_install,
     cache_lock,
     ensure_port_free,
-    process_alive,
-    process_cmdline,
+    process_runs,
     read_pid,
     run_logged,
     say,
@@ -110,7 +109,7 @@ def pid() -> int | None:
     found = read_pid(PID_FILE)
     if found is None:
         return None
-    if process_alive(found) and str(BIN) in process_cmdline(found):
+    if process_runs(found, str(BIN)):
         return found
     PID_FILE.unlink(missing_ok=True)
     return None
