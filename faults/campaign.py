@@ -15,14 +15,16 @@
    left in its grace period, then the checker (``faults/check.py``) compares PostgreSQL,
    the ``read_committed`` view of Kafka, the decision log and what every client was told.
 5. Prints a table per fault kind and the line ``ops=N divergences=N duplicates=N
-   leftovers=N lost=N``; exit status 1 when anything but ``ops`` is non-zero (or the
-   second-opinion checker of ``tests/crash/checker.py`` found a problem), 2 when the
-   campaign itself could not run.
+   leftovers=N lost=N``; exit status 1 when anything but ``ops`` is non-zero, when an
+   attempt raised something else than the coordinator's errors, or when the
+   second-opinion checker of ``tests/crash/checker.py`` found a problem; 2 when the
+   campaign itself could not run or did not complete (a phase timed out).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -667,6 +669,23 @@ def render_table(table: dict[str, dict[str, int]], kinds: list[str],
     return "\n".join(lines)
 
 
+def kafka_sizes(lines: list[dict[str, Any]]) -> str:
+    """How many decision records the clients' Kafka transactions carried (the last
+    report of every client process; a process killed between two reports leaves up to
+    19 transactions uncounted)."""
+    last: dict[int, dict[str, int]] = {}
+    for ln in lines:
+        if ln.get("event") == "kafka_txns":
+            last[int(ln["pid"])] = ln["sizes"]
+    total: Counter[int] = Counter()
+    for sizes in last.values():
+        for k, v in sizes.items():
+            total[int(k)] += int(v)
+    detail = ", ".join(f"{n} with {k} decision record{'s' if k > 1 else ''}"
+                       for k, n in sorted(total.items()))
+    return f"{sum(total.values())} counted ({detail})"
+
+
 def fault_totals(events: Path, kills: Counter[str]) -> str:
     """One line: how many faults of each kind the whole run injected."""
     count: Counter[str] = Counter()
@@ -709,6 +728,14 @@ def run(s: Settings) -> int:
     print(f"command: {s.command}", flush=True)
     say(f"results in {out}")
     t0 = time.monotonic()
+    Path(s.stack_dir).mkdir(parents=True, exist_ok=True)
+    lock = (Path(s.stack_dir) / "campaign.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise CampaignError(f"another campaign is running on the stack instance {s.stack_dir}; "
+                            "give this one its own: --stack-dir DIR --port-offset N") from None
     try:
         return _run(s, run_id, out, t0)
     finally:
@@ -717,6 +744,7 @@ def run(s: Settings) -> int:
                 stop_stack()
             except AssertionError as exc:
                 say(f"could not stop the campaign's stack: {exc}")
+        lock.close()
 
 
 def _run(s: Settings, run_id: str, out: Path, t0: float) -> int:
@@ -772,6 +800,7 @@ def _run(s: Settings, run_id: str, out: Path, t0: float) -> int:
         table_text,
         "",
         "faults injected: " + fault_totals(out / "events.jsonl", result.kills),
+        "Kafka transactions: " + kafka_sizes(lines),
         "",
         "columns: ops = operations attempted; faults = faults injected in that phase (kill -9 "
         "at a protocol step, random kill -9 of a client or of the recovery command, broker "

@@ -73,6 +73,8 @@ import psycopg
 import psycopg.errors
 from psycopg import sql
 
+import coordinator._committer
+import coordinator._group
 import coordinator._kafka
 import coordinator._pg
 import recovery
@@ -190,6 +192,8 @@ class Client:
         self.state = state
         self.ops = ops
         self._local = threading.local()
+        self.kafka_sizes: dict[int, int] = {}
+        self._sizes_lock = threading.Lock()
 
     @property
     def current(self) -> tuple[str, int] | None:
@@ -217,6 +221,31 @@ class Client:
             their_prepare(conn, gid)
 
         setattr(coordinator._pg, "prepare", prepare)  # noqa: B010 - monkeypatching on purpose
+
+        # Count the decision records per Kafka transaction (more than one: a shared
+        # group commit), reported every 20 transactions and at the end.
+        for module in (coordinator._committer, coordinator._group):
+            real = module.run_transaction
+
+            def counted(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+                decisions = args[2] if len(args) > 2 else kwargs["decisions"]
+                result = _real(*args, **kwargs)
+                client.count_kafka_transaction(len(list(decisions)))
+                return result
+
+            setattr(module, "run_transaction", counted)  # noqa: B010
+
+    def count_kafka_transaction(self, members: int) -> None:
+        with self._sizes_lock:
+            self.kafka_sizes[members] = self.kafka_sizes.get(members, 0) + 1
+            due = sum(self.kafka_sizes.values()) % 20 == 0
+        if due:
+            self.report_kafka_sizes()
+
+    def report_kafka_sizes(self) -> None:
+        with self._sizes_lock:
+            sizes = dict(self.kafka_sizes)
+        self.state.emit(event="kafka_txns", pid=os.getpid(), sizes=sizes)
 
     # -- operations ------------------------------------------------------------
 
@@ -456,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # recovery is best effort here; the campaign's runs follow
             state.emit(event="recover_own_failed", error=f"{type(exc).__name__}: {exc}"[:300])
     client.run(coord)
+    client.report_kafka_sizes()
     state.emit(event="end", t=time.time())
     out.close()
     closer = threading.Thread(target=coord.close, daemon=True)
