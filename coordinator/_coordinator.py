@@ -52,8 +52,6 @@ Connection = psycopg.Connection[tuple[object, ...]]
 Query = str | bytes | sql.SQL | sql.Composed
 Headers = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]]
 
-_SECRET_KEYS = ("password", "secret", "sasl", "ssl.key")
-
 
 class Coordinator:
     """Commits a PostgreSQL transaction and a Kafka transaction together.
@@ -195,7 +193,7 @@ class Coordinator:
 
     def _open_kafka(self) -> None:
         cfg = self.config
-        common = {k: v for k, v in self._kafka_conf.items()}
+        common = self._kafka_conf
         self._admin = AdminClient(common)
         try:
             partitions = ensure_decision_topic(self._admin, cfg.decision_topic, cfg.kafka_timeout)
@@ -431,7 +429,8 @@ class Transaction:
         finally:
             self._release()
 
-    def _fail_quietly(self) -> None:
+    def _fail_quietly(self, event: Event = Event.BLOCK_FAILED) -> None:
+        """Roll PostgreSQL back (if still open), record ``event``, release the connection."""
         conn = self._conn
         if conn is not None and not conn.closed:
             try:
@@ -439,8 +438,8 @@ class Transaction:
                     conn.execute("ROLLBACK")
             except psycopg.Error:
                 pass  # a broken connection rolls back on its own
-        if self._protocol.allows(Event.BLOCK_FAILED):
-            self._protocol.fire(Event.BLOCK_FAILED)
+        if self._protocol.allows(event):
+            self._protocol.fire(event)
         self._release()
 
     def _release(self) -> None:
@@ -480,12 +479,12 @@ class Transaction:
         try:
             coord._check_topics({m.topic for m in self._messages}, self._log_id)
         except RolledBack:
-            self._fail_quietly()
+            self._fail_quietly(Event.FAILED_BEFORE_COMMIT)
             raise
         try:
             ticket = committer.join(coord.config.connection_timeout)
         except TimeoutError as exc:
-            self._fail_quietly()
+            self._fail_quietly(Event.FAILED_BEFORE_COMMIT)
             raise RolledBack(f"{exc}; rolled back", phase=Phase.PREPARE) from None
         try:
             self._prepare(conn, ticket)
@@ -519,8 +518,7 @@ class Transaction:
             _pg.prepare(conn, self.gid)
         except (psycopg.Error, _pg.NotPrepared) as exc:
             lost = is_connection_error(exc)
-            self._fail_quietly()
-            self._protocol_rolled_back(Event.PREPARE_FAILED)
+            self._fail_quietly(Event.PREPARE_FAILED)
             if lost:
                 # The PREPARE may have happened before the connection broke; no decision
                 # was written, so the only possible outcome is rollback.
@@ -533,10 +531,6 @@ class Transaction:
             raise pg_prepare_error(exc, self.gid) from exc
         self._protocol.fire(Event.PREPARED)
         log.debug("gid=%s prepared", self.gid)
-
-    def _protocol_rolled_back(self, event: Event) -> None:
-        if self._protocol.allows(event):
-            self._protocol.fire(event)
 
     def _kafka_commit(self, ticket: Ticket) -> None:
         assert self.gid is not None
@@ -552,7 +546,6 @@ class Transaction:
             return
         if result.outcome is KafkaOutcome.UNKNOWN:
             self._protocol.fire(Event.KAFKA_OUTCOME_UNKNOWN)
-            self._release()
             log.error("gid=%s Kafka commit outcome unknown (%s); PostgreSQL left prepared "
                       "for recovery", gid, result.detail)
             raise OutcomeUnknown(
@@ -619,7 +612,3 @@ def _to_bytes(v: str | bytes) -> bytes:
 def _to_bytes_opt(v: str | bytes | None) -> bytes | None:
     return None if v is None else _to_bytes(v)
 
-
-def redact(conf: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a Kafka configuration that is safe to log."""
-    return {k: ("***" if any(s in k for s in _SECRET_KEYS) else v) for k, v in conf.items()}

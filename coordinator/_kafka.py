@@ -9,14 +9,15 @@ coordinator decides what follows from the outcome alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("coordinator.kafka")
+
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +179,25 @@ class _Deliveries:
             self.error = err
 
 
+def _discard_on_escape(
+    fn: Callable[Concatenate[ProducerSlot, P], KafkaResult],
+) -> Callable[Concatenate[ProducerSlot, P], KafkaResult]:
+    """Kafka errors become a :class:`KafkaResult`; anything else escaping (an
+    interrupt, a bug) may leave the producer with an open transaction, so the
+    producer is discarded: the next ``init_transactions()`` aborts what is left."""
+
+    @functools.wraps(fn)
+    def wrapper(slot: ProducerSlot, /, *args: P.args, **kwargs: P.kwargs) -> KafkaResult:
+        try:
+            return fn(slot, *args, **kwargs)
+        except BaseException:
+            slot.discard()
+            raise
+
+    return wrapper
+
+
+@_discard_on_escape
 def run_transaction(
     slot: ProducerSlot,
     messages: Sequence[StagedMessage],
@@ -186,25 +208,6 @@ def run_transaction(
     log_id: str,
 ) -> KafkaResult:
     """Produce ``messages`` and ``decisions`` in one Kafka transaction and commit it."""
-    try:
-        return _run_transaction(slot, messages, decisions, decision_topic, commit_retry,
-                                timeout, log_id)
-    except BaseException:
-        # Not a Kafka error (an interrupt, a bug): the producer may hold an open
-        # transaction. Discard it; the next init_transactions() aborts what is left.
-        slot.discard()
-        raise
-
-
-def _run_transaction(
-    slot: ProducerSlot,
-    messages: Sequence[StagedMessage],
-    decisions: Sequence[DecisionRecord],
-    decision_topic: str,
-    commit_retry: RetryPolicy,
-    timeout: float,
-    log_id: str,
-) -> KafkaResult:
     try:
         producer = slot.ready()
     except KafkaException as exc:
@@ -224,22 +227,12 @@ def _run_transaction(
         if deliveries.error is not None:
             raise _BeforeCommit(f"delivery failed: {deliveries.error.name()}: "
                                 f"{deliveries.error.str()}", KafkaException(deliveries.error))
-    except (KafkaException, BufferError, _BeforeCommit) as exc:
-        cause = exc.cause if isinstance(exc, _BeforeCommit) else exc
-        detail = str(exc) if isinstance(exc, _BeforeCommit) else describe(exc)
+    except Exception as exc:
+        # commit_transaction() was never called, so the transaction cannot commit:
+        # abort it, whatever failed.
+        cause, detail = _before_commit_cause(exc)
         _abort(slot, producer, timeout, log_id)
         return KafkaResult(KafkaOutcome.FAILED_BEFORE_COMMIT, cause, detail)
-    except Exception as exc:
-        # confluent-kafka raises other exceptions too: when the producer is fenced (a
-        # recovery worker's init_transactions()) while delivery reports are pending,
-        # flush() raises SystemError ("<callback> returned a result with an exception
-        # set"), chained to the fatal KafkaException. commit_transaction() was never
-        # called, so the transaction cannot commit: abort, like any error before it.
-        kafka_cause = _kafka_cause(exc)
-        detail = (f"{describe(kafka_cause)} (raised as {type(exc).__name__})"
-                  if kafka_cause is not None else describe(exc))
-        _abort(slot, producer, timeout, log_id)
-        return KafkaResult(KafkaOutcome.FAILED_BEFORE_COMMIT, kafka_cause or exc, detail)
 
     started = time.monotonic()
     retrying = commit_retry.retrying(
@@ -268,6 +261,22 @@ def _run_transaction(
         log.error("gid=%s Kafka commit succeeded but delivery reports disagree "
                   "(pending=%d, error=%s)", log_id, deliveries.pending, deliveries.error)
     return KafkaResult(KafkaOutcome.COMMITTED, commit_seconds=time.monotonic() - started)
+
+
+def _before_commit_cause(exc: Exception) -> tuple[BaseException | None, str]:
+    """The cause and a log line for a failure before ``commit_transaction()``."""
+    if isinstance(exc, _BeforeCommit):
+        return exc.cause, str(exc)
+    if isinstance(exc, KafkaException | BufferError):
+        return exc, describe(exc)
+    # confluent-kafka raises other exceptions too: when the producer is fenced (a
+    # recovery worker's init_transactions()) while delivery reports are pending,
+    # flush() raises SystemError ("<callback> returned a result with an exception
+    # set"), chained to the fatal KafkaException.
+    kafka_cause = _kafka_cause(exc)
+    if kafka_cause is not None:
+        return kafka_cause, f"{describe(kafka_cause)} (raised as {type(exc).__name__})"
+    return exc, describe(exc)
 
 
 def _kafka_cause(exc: BaseException) -> KafkaException | None:

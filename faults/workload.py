@@ -214,11 +214,11 @@ class Client:
         client = self
         their_prepare = coordinator._pg.prepare
 
-        def prepare(conn: Any, gid: str) -> None:
+        def prepare(conn: Any, gid: str, *args: Any, **kwargs: Any) -> Any:
             if client.current is not None:
                 op, attempt = client.current
                 client.state.emit(event="gid", op=op, attempt=attempt, gid=gid)
-            their_prepare(conn, gid)
+            return their_prepare(conn, gid, *args, **kwargs)
 
         setattr(coordinator._pg, "prepare", prepare)  # noqa: B010 - monkeypatching on purpose
 

@@ -287,11 +287,16 @@ def _apply(conn: Connection, postgres: str | Connection, cfg: RecoveryConfig,
     if not items:
         return
     workers = max(1, min(cfg.concurrency, len(items) // 50 + 1))
-    chunks = [items[i::workers] for i in range(workers)]
 
     def run_chunk(chunk: list[tuple[str, bool]], own: bool) -> list[tuple[str, bool, str]]:
         out: list[tuple[str, bool, str]] = []
-        c = conn if own else _connect_like(postgres)
+        try:
+            c = conn if own else _connect_like(postgres)
+        except psycopg.Error as exc:
+            # Other sessions may already have acted: report, do not raise (an
+            # exception here would claim that nothing was changed).
+            return [(gid, commit, f"error: cannot connect: {exc}".strip())
+                    for gid, commit in chunk]
         try:
             for gid, commit in chunk:
                 try:
@@ -314,7 +319,7 @@ def _apply(conn: Connection, postgres: str | Connection, cfg: RecoveryConfig,
         results = run_chunk(items, own=True)
     else:
         with ThreadPoolExecutor(max_workers=workers) as ex:
-            futs = [ex.submit(run_chunk, ch, i == 0) for i, ch in enumerate(chunks)]
+            futs = [ex.submit(run_chunk, items[i::workers], i == 0) for i in range(workers)]
             for f in futs:
                 results.extend(f.result())
     for gid, commit, outcome in results:

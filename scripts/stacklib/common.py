@@ -200,6 +200,20 @@ def apt_install(packages: Sequence[str], reason: str) -> None:
     )
 
 
+def require_command(command: str, package: str, reason: str, *also: Path) -> str:
+    """The path of `command` (on PATH or one of `also`), installing `package` when missing."""
+    def find() -> str | None:
+        return shutil.which(command) or next((str(p) for p in also if p.exists()), None)
+
+    found = find()
+    if found is None:
+        apt_install([package], f"{reason} is missing")
+        found = find()
+    if found is None:
+        raise StackError(f"{command} is still missing after installing {package}")
+    return found
+
+
 @contextlib.contextmanager
 def stack_lock() -> Iterator[None]:
     """Serialise concurrent `scripts/stack` calls (for example parallel test sessions)."""

@@ -40,12 +40,12 @@ from .common import (
     STACK_DIR,
     VENV_PYTHON,
     StackError,
-    apt_install,
     cache_lock,
     ensure_port_free,
     port_answers,
     process_runs,
     read_pid,
+    require_command,
     run_logged,
     say,
     tail,
@@ -262,25 +262,14 @@ def _java_major(java: str) -> int:
 
 
 def ensure_java() -> str:
-    java = shutil.which("java")
-    if java is None:
-        apt_install(["default-jre-headless"], "Java (needed by Kafka) is missing")
-        java = shutil.which("java")
-    if java is None:
-        raise StackError("Java is still missing after installing default-jre-headless")
+    java = require_command("java", "default-jre-headless", "Java (needed by Kafka)")
     if (major := _java_major(java)) < MIN_JAVA:
         raise StackError(f"Kafka needs Java {MIN_JAVA} or newer, {java} is Java {major}")
     return java
 
 
 def ensure_maven() -> str:
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        apt_install(["maven"], "Maven (used to fetch the Kafka jars) is missing")
-        mvn = shutil.which("mvn")
-    if mvn is None:
-        raise StackError("Maven is still missing after installing the maven package")
-    return mvn
+    return require_command("mvn", "maven", "Maven (used to fetch the Kafka jars)")
 
 
 def ensure_jars() -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -32,11 +31,11 @@ from .common import (
     PORT_OFFSET,
     STACK_DIR,
     StackError,
-    apt_install,
     cache_lock,
     ensure_port_free,
     process_runs,
     read_pid,
+    require_command,
     run_logged,
     say,
     tail,
@@ -58,16 +57,8 @@ READY_TIMEOUT = 20.0
 
 
 def _go() -> str:
-    go = shutil.which("go") or next(
-        (str(p) for p in (Path("/usr/local/go/bin/go"), Path("/usr/lib/go/bin/go")) if p.exists()),
-        None,
-    )
-    if go is None:
-        apt_install(["golang-go"], "Go (needed to build Toxiproxy) is missing")
-        go = shutil.which("go")
-    if go is None:
-        raise StackError("Go is still missing after installing golang-go")
-    return go
+    return require_command("go", "golang-go", "Go (needed to build Toxiproxy)",
+                           Path("/usr/local/go/bin/go"), Path("/usr/lib/go/bin/go"))
 
 
 def ensure_binary() -> Path:

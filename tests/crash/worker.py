@@ -169,11 +169,11 @@ def _install(state: _State) -> None:
     real_prepare = coordinator._pg.prepare
     real_finish = coordinator._pg.finish_prepared
 
-    def prepare(conn: Any, gid: str) -> None:
+    def prepare(conn: Any, gid: str, *args: Any, **kwargs: Any) -> Any:
         state.gid = gid
         if state.armed("before_prepare"):
             state.crash("before_prepare", kafka_flushed=False)
-        real_prepare(conn, gid)
+        return real_prepare(conn, gid, *args, **kwargs)
 
     def finish_prepared(connect: Callable[[], Any], release: Callable[[Any], None],
                         gid: str, commit: bool, *args: Any, **kwargs: Any) -> Any:
