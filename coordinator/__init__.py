@@ -12,7 +12,7 @@
 """
 
 from ._coordinator import Coordinator, Transaction
-from ._enums import Phase, Status
+from ._enums import Phase, Status, Step
 from .config import CoordinatorConfig, GroupCommit, RetryPolicy
 from .decision_log import DecisionRecord, DecisionTopic
 from .errors import (
@@ -20,6 +20,7 @@ from .errors import (
     CommittedPendingRecovery,
     ConfigurationError,
     DecisionTopicMisconfigured,
+    Diverged,
     Error,
     IdempotencyKeyBusy,
     OutcomeUnknown,
@@ -40,6 +41,7 @@ __all__ = [
     "DecisionRecord",
     "DecisionTopic",
     "DecisionTopicMisconfigured",
+    "Diverged",
     "Error",
     "Gid",
     "GroupCommit",
@@ -53,6 +55,7 @@ __all__ = [
     "RolledBack",
     "ServiceUnavailable",
     "Status",
+    "Step",
     "Transaction",
     "UsageError",
 ]

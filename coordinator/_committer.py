@@ -1,7 +1,8 @@
 """How a prepared transaction reaches the Kafka commit point.
 
-A committer hands out a :class:`Ticket` before PREPARE (the ticket fixes the
-producer slot, hence the gid) and, once PostgreSQL has prepared, commits the
+A committer hands out a :class:`Ticket` before PREPARE -- the ticket fixes the
+producer slot and its session (so the gid, and the only producer that may
+commit it) -- and, once PostgreSQL has prepared, commits the
 transaction's messages and decision record in a Kafka transaction.
 :class:`PerOperationCommitter` runs one Kafka transaction per operation;
 the group committer (``_group.py``) shares one among concurrent operations.
@@ -12,7 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from ._kafka import KafkaResult, ProducerPool, ProducerSlot, StagedMessage, run_transaction
+from ._kafka import (
+    KafkaResult,
+    ProducerPool,
+    ProducerSlot,
+    Session,
+    StagedMessage,
+    run_transaction,
+)
 from .config import RetryPolicy
 from .decision_log import DecisionRecord
 
@@ -23,6 +31,9 @@ class Ticket(Protocol):
     @property
     def slot(self) -> ProducerSlot: ...
 
+    @property
+    def session(self) -> Session: ...
+
     def commit(
         self, messages: Sequence[StagedMessage], decision: DecisionRecord
     ) -> KafkaResult: ...
@@ -31,9 +42,14 @@ class Ticket(Protocol):
 
 
 class Committer(Protocol):
-    def join(self, timeout: float) -> Ticket: ...
+    def join(self, timeout: float) -> Ticket:
+        """A ticket for one transaction, taken before its PREPARE.
 
-    def close(self) -> None: ...
+        Starts the slot's producer session when it has none, so Kafka being
+        unreachable fails the transaction before anything is prepared.
+        Raises ``TimeoutError`` (no slot free) or ``KafkaException``.
+        """
+        ...
 
 
 class _PerOpTicket:
@@ -41,12 +57,18 @@ class _PerOpTicket:
         self._owner = owner
         self.slot = slot
         self._done = False
+        try:
+            self.session = slot.session()
+        except BaseException:
+            self.cancel()
+            raise
 
     def commit(self, messages: Sequence[StagedMessage], decision: DecisionRecord) -> KafkaResult:
         try:
             return run_transaction(
                 self.slot, messages, [decision], self._owner.decision_topic,
                 self._owner.commit_retry, self._owner.timeout, decision.gid,
+                generation=self.session.generation,
             )
         finally:
             self.cancel()
@@ -71,6 +93,3 @@ class PerOperationCommitter:
 
     def join(self, timeout: float) -> Ticket:
         return _PerOpTicket(self, self.pool.acquire(timeout))
-
-    def close(self) -> None:
-        pass

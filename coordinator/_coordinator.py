@@ -21,7 +21,7 @@ from psycopg_pool import ConnectionPool
 
 from . import _pg
 from ._committer import Committer, PerOperationCommitter, Ticket
-from ._enums import Phase, Status
+from ._enums import Phase, Status, Step
 from ._errmap import (
     describe,
     is_connection_error,
@@ -32,10 +32,17 @@ from ._errmap import (
 from ._kafka import KafkaOutcome, ProducerPool, ProducerSlot, StagedMessage
 from ._protocol import Event, Protocol
 from .config import CoordinatorConfig, default_instance
-from .decision_log import DecisionRecord, ensure_decision_topic, partition_for
+from .decision_log import (
+    DecisionLog,
+    DecisionRecord,
+    ensure_decision_topic,
+    high_watermarks,
+    partition_for,
+)
 from .errors import (
     CommittedPendingRecovery,
     ConfigurationError,
+    Diverged,
     Error,
     OutcomeUnknown,
     RolledBack,
@@ -43,6 +50,7 @@ from .errors import (
     UsageError,
 )
 from .gid import Gid, check_identifier, transactional_id
+from .registry import LogRegistry
 
 __all__ = ["Coordinator", "Transaction"]
 
@@ -102,6 +110,9 @@ class Coordinator:
             self.config.idempotency_table, self.config.idempotency_schema,
             self.config.idempotency_wait_ms,
         )
+        self._registry = LogRegistry(self.config.decision_log_table,
+                                     self.config.idempotency_schema)
+        self._log: DecisionLog | None = None
         self._known_topics: set[str] = set()
         self._state_lock = threading.Lock()
         self._open = False
@@ -127,6 +138,7 @@ class Coordinator:
             try:
                 self._open_postgres()
                 self._open_kafka()
+                self._register_log()
             except BaseException:
                 self._close_resources()
                 raise
@@ -165,10 +177,15 @@ class Coordinator:
         try:
             conn.autocommit = True
             _pg.check_server(conn)
-            row = conn.execute("SELECT now()").fetchone()
+            before = time.time()
+            row = conn.execute("SELECT now(), extract(epoch FROM clock_timestamp())::float8"
+                               ).fetchone()
+            after = time.time()
             assert row is not None
             self.started_at = row[0]
+            _check_clock(float(row[1]), before, after, cfg.max_clock_skew_seconds)
             self._idem.create(conn)
+            self._registry.create(conn)
             if cfg.instance_lock:
                 self._take_instance_lock(conn)
                 conn = None  # kept for the coordinator's lifetime
@@ -194,12 +211,16 @@ class Coordinator:
     def _open_kafka(self) -> None:
         cfg = self.config
         common = self._kafka_conf
-        self._admin = AdminClient(common)
+        admin = self._admin = AdminClient(common)
         try:
-            partitions = ensure_decision_topic(self._admin, cfg.decision_topic, cfg.kafka_timeout)
+            self._log = log = ensure_decision_topic(admin, cfg.decision_topic, cfg.kafka_timeout)
         except KafkaException as exc:
             raise kafka_startup_error(exc, "reaching the brokers") from None
         self._known_topics.add(cfg.decision_topic.name)
+
+        def high_watermark(partition: int) -> int:
+            return high_watermarks(admin, log.topic, {partition}, cfg.kafka_timeout)[partition]
+
         producer_conf = {
             "linger.ms": 1,
             **common,
@@ -212,9 +233,11 @@ class Coordinator:
             ProducerSlot(
                 i,
                 transactional_id(self.name, self.instance, i),
-                partition_for(self.instance, i, partitions),
+                partition_for(self.instance, i, log.partitions),
                 producer_conf,
                 cfg.kafka_timeout,
+                high_watermark=high_watermark,
+                factory=cfg.producer_factory,
             )
             for i in range(cfg.producers)
         ]
@@ -233,10 +256,29 @@ class Coordinator:
                 cfg.kafka_timeout,
             )
 
+    def _register_log(self) -> None:
+        """Record this coordinator's decision log for recovery (see ``registry.py``)."""
+        assert self._pool is not None and self._log is not None
+        try:
+            with self._pool.connection(timeout=self.config.startup_timeout) as conn:
+                conn.autocommit = True
+                try:
+                    self._registry.register(conn, self._log, self.name,
+                                            self.config.transaction_timeout_ms)
+                finally:
+                    conn.autocommit = False
+        except psycopg.Error as exc:
+            raise pg_startup_error(exc) from None
+
+    @property
+    def decision_log(self) -> DecisionLog:
+        """The decision log this coordinator writes to (once open)."""
+        if self._log is None:
+            raise UsageError("the coordinator is not open")
+        return self._log
+
     def _close_resources(self) -> None:
-        if self._committer is not None:
-            self._committer.close()
-            self._committer = None
+        self._committer = None
         if self._producers is not None:
             self._producers.close()
             self._producers = None
@@ -313,6 +355,7 @@ class Transaction:
         self._conn: Connection | None = None
         self._conn_autocommit = False
         self._messages: list[StagedMessage] = []
+        self._xid: int | None = None
         self._entered = False
         self._ended = False
 
@@ -483,16 +526,25 @@ class Transaction:
             raise
         try:
             ticket = committer.join(coord.config.connection_timeout)
-        except TimeoutError as exc:
+        except (TimeoutError, KafkaException) as exc:
             self._fail_quietly(Event.FAILED_BEFORE_COMMIT)
-            raise RolledBack(f"{exc}; rolled back", phase=Phase.PREPARE) from None
+            raise RolledBack(f"no Kafka producer session ({describe(exc)}); rolled back, "
+                             "nothing published", gid=self._log_id,
+                             phase=Phase.PREPARE) from None
         try:
             self._prepare(conn, ticket)
+            self._step(Step.AFTER_PREPARE)
         except BaseException:
-            ticket.cancel()
+            ticket.cancel()  # the slot is free again; whatever is prepared stays in doubt
             raise
         self._kafka_commit(ticket)
+        self._step(Step.AFTER_KAFKA_COMMIT)
         self._finish_commit()
+
+    def _step(self, step: Step) -> None:
+        hook = self._coord.config.on_step
+        if hook is not None:
+            hook(step, self.gid)
 
     def _commit_one_phase(self, conn: Connection) -> None:
         """No Kafka message: a plain COMMIT is the whole protocol."""
@@ -500,7 +552,7 @@ class Transaction:
             conn.execute("COMMIT")
         except psycopg.Error as exc:
             self._fail_quietly()
-            if is_connection_error(exc):
+            if is_connection_error(exc):  # not class 40: a deadlock is a rollback
                 raise OutcomeUnknown(
                     f"connection lost during COMMIT (no Kafka message): {describe(exc)}",
                     phase=Phase.PG_COMMIT) from exc
@@ -510,12 +562,14 @@ class Transaction:
     def _prepare(self, conn: Connection, ticket: Ticket) -> None:
         coord = self._coord
         gid = Gid.new(coord.name, coord.instance, ticket.slot.index,
-                      ticket.slot.decision_partition)
+                      ticket.slot.decision_partition, ticket.session.floor,
+                      coord.decision_log.fingerprint)
         self.gid = str(gid)
+        self._step(Step.BEFORE_PREPARE)
         try:
             if self.idempotency_key is not None:
                 coord._idem.record_gid(conn, self.idempotency_key, self.gid)
-            _pg.prepare(conn, self.gid)
+            self._xid = _pg.prepare(conn, self.gid)
         except (psycopg.Error, _pg.NotPrepared) as exc:
             lost = is_connection_error(exc)
             self._fail_quietly(Event.PREPARE_FAILED)
@@ -566,14 +620,39 @@ class Transaction:
         ) from result.error
 
     def _rollback_prepared_quietly(self) -> bool:
+        """ROLLBACK PREPARED after Kafka did not commit. Raises :class:`Diverged`
+        if the gid turns out to have been committed by someone else."""
         assert self.gid is not None
         try:
-            self._finish_prepared(commit=False)
-            return True
+            result = self._finish_prepared(commit=False)
         except psycopg.Error as exc:
             log.error("gid=%s ROLLBACK PREPARED failed (%s); recovery will roll it back",
                       self.gid, describe(exc))
             return False
+        if result is _pg.FinishResult.GONE and self._fate() == "committed":
+            raise self._diverged(kafka_committed=False)
+        return True
+
+    def _fate(self) -> str | None:
+        """PostgreSQL's word on this transaction once its gid is gone (or ``None``)."""
+        pool = self._coord._pool
+        if self._xid is None or pool is None:
+            return None
+        try:
+            with pool.connection(timeout=self._coord.config.connection_timeout) as conn:
+                return _pg.xact_status(conn, self._xid)
+        except Exception as exc:
+            log.error("gid=%s cannot ask PostgreSQL the fate of xid %s: %s", self.gid,
+                      self._xid, describe(exc))
+            return None
+
+    def _diverged(self, kafka_committed: bool) -> Diverged:
+        what = ("committed in Kafka but rolled back in PostgreSQL" if kafka_committed
+                else "rolled back in Kafka but committed in PostgreSQL")
+        log.critical("gid=%s DIVERGED: %s (xid %s). This is a bug; reconcile by hand",
+                     self.gid, what, self._xid)
+        return Diverged(f"the two sides diverged: {what}", gid=self.gid,
+                        phase=Phase.PG_COMMIT, kafka_committed=kafka_committed)
 
     def _finish_prepared(self, commit: bool) -> _pg.FinishResult:
         pool = self._coord._pool
@@ -600,6 +679,17 @@ class Transaction:
                 "PostgreSQL side. Do not retry the operation",
                 gid=gid, phase=Phase.PG_COMMIT) from exc
         if result is _pg.FinishResult.GONE:
+            # Gone is not success on its own: ask PostgreSQL what became of it.
+            fate = self._fate()
+            if fate == "aborted":
+                raise self._diverged(kafka_committed=True)
+            if fate != "committed":
+                log.error("gid=%s COMMIT PREPARED found the gid gone and PostgreSQL cannot "
+                          "tell the fate of xid %s (%s)", gid, self._xid, fate)
+                raise OutcomeUnknown(
+                    "committed in Kafka, but COMMIT PREPARED found the gid gone and "
+                    f"PostgreSQL cannot tell what became of it (xid {self._xid}: {fate})",
+                    gid=gid, phase=Phase.PG_COMMIT)
             log.info("gid=%s was already committed by another session", gid)
         self._protocol.fire(Event.PG_COMMITTED)
         log.debug("gid=%s committed", gid)
@@ -612,3 +702,16 @@ def _to_bytes(v: str | bytes) -> bytes:
 def _to_bytes_opt(v: str | bytes | None) -> bytes | None:
     return None if v is None else _to_bytes(v)
 
+
+
+def _check_clock(pg_epoch: float, before: float, after: float, limit: float | None) -> None:
+    """Fail start-up when this host's clock and PostgreSQL's are far apart."""
+    if limit is None:
+        return
+    skew = pg_epoch - (before + after) / 2
+    if abs(skew) > limit + (after - before):
+        raise ConfigurationError(
+            f"this host's clock is {abs(skew):.0f} s {'behind' if skew > 0 else 'ahead of'} "
+            f"PostgreSQL's (more than max_clock_skew_seconds={limit:g}); fix time "
+            "synchronisation (NTP) on this host or the database server",
+            phase=Phase.STARTUP)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["Phase", "Status"]
+__all__ = ["Phase", "Status", "Step"]
 
 
 class Status(StrEnum):
@@ -47,3 +47,20 @@ class Phase(StrEnum):
     PG_COMMIT = "pg_commit"
     ROLLBACK = "rollback"
     RECOVERY = "recovery"
+
+
+class Step(StrEnum):
+    """Points of the protocol a :attr:`~coordinator.CoordinatorConfig.on_step`
+    hook is called at (in the thread running the transaction).
+
+    A hook may block (tests use it to freeze a transaction at an exact step) or
+    raise (the transaction then ends as if the process had stopped there: its
+    fate is left to the protocol's error handling and to recovery).
+    """
+
+    BEFORE_PREPARE = "before_prepare"
+    """The producer session is taken, the gid chosen; PREPARE not sent."""
+    AFTER_PREPARE = "after_prepare"
+    """PostgreSQL prepared; no Kafka work of this transaction has started."""
+    AFTER_KAFKA_COMMIT = "after_kafka_commit"
+    """The commit point passed; ``COMMIT PREPARED`` not sent."""

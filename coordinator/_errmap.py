@@ -19,6 +19,7 @@ from .errors import (
 __all__ = [
     "is_busy_gid",
     "is_connection_error",
+    "is_transient",
     "is_unknown_gid",
     "kafka_error_kind",
     "kafka_error_of",
@@ -41,6 +42,31 @@ _AUTH_CODES = frozenset(
         KafkaError.SASL_AUTHENTICATION_FAILED,
     }
 )
+
+
+_TRANSIENT_CODES = frozenset(
+    {
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._RESOLVE,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.CONCURRENT_TRANSACTIONS,
+    }
+)
+
+
+def is_transient(err: KafkaError) -> bool:
+    """Worth trying the same call again: the client says so, or the error is one of a
+    broker moving, restarting or not reachable for a moment (admin requests do not
+    always carry librdkafka's retriable flag). Never for a fatal error."""
+    return not err.fatal() and (err.retriable() or err.code() in _TRANSIENT_CODES)
 
 
 def kafka_error_of(exc: BaseException) -> KafkaError | None:
@@ -84,10 +110,17 @@ def kafka_startup_error(exc: BaseException, what: str) -> Error:
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    """The PostgreSQL connection is gone (as opposed to a statement that failed)."""
-    return isinstance(exc, psycopg.OperationalError) and not isinstance(
-        exc, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled
-    )
+    """The PostgreSQL connection is gone (as opposed to a statement that failed).
+
+    psycopg files SQLSTATE class 40 (serialization failure, deadlock) under
+    ``OperationalError`` too, but those are definite rollbacks by a server that
+    answered, not a lost connection.
+    """
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    if isinstance(exc, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
+        return False
+    return not (exc.sqlstate or "").startswith("40")
 
 
 def is_unknown_gid(exc: BaseException) -> bool:

@@ -1,14 +1,18 @@
 """Group commit: transactions that reach the commit point together share one
 Kafka transaction.
 
-Each transaction is assigned a producer slot before PREPARE (the slot is part
-of its gid) and, once PostgreSQL has prepared it, deposits its messages and
+Each transaction is assigned a producer slot and its current producer session
+before PREPARE (the slot is part of its gid; only that session may commit it)
+and, once PostgreSQL has prepared it, deposits its messages and
 decision record with that slot's batcher. The first depositor leads: it waits
 briefly for the other transactions already assigned to the slot (at most
 ``max_wait``, at most ``max_batch`` members), then commits one Kafka
 transaction carrying everything and hands each member the shared result.
 Members that fail before depositing (their PREPARE failed) simply withdraw,
 so they never hold a batch back. A lone transaction does not wait at all.
+Members whose session was replaced meanwhile (a batch before them failed and
+the producer was re-created) are not committed: they fail before the commit
+point and are rolled back.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ._kafka import (
     KafkaResult,
     ProducerPool,
     ProducerSlot,
+    Session,
     StagedMessage,
     run_transaction,
 )
@@ -37,6 +42,7 @@ __all__ = ["GroupCommitter"]
 class _Member:
     messages: Sequence[StagedMessage]
     decision: DecisionRecord
+    generation: int
     result: KafkaResult | None = None
     wake: threading.Lock = field(default_factory=threading.Lock)
     """Held while the member sleeps; released (once) when its result is set or
@@ -65,12 +71,18 @@ class _GroupTicket:
         self._batcher = batcher
         self.slot = batcher.slot
         self._done = False
+        try:
+            self.session: Session = batcher.slot.session()
+        except BaseException:
+            self.cancel()
+            raise
 
     def commit(self, messages: Sequence[StagedMessage], decision: DecisionRecord) -> KafkaResult:
         if self._done:
             raise RuntimeError("ticket already used")
         self._done = True
-        return self._owner._commit(self._batcher, _Member(messages, decision))
+        return self._owner._commit(
+            self._batcher, _Member(messages, decision, self.session.generation))
 
     def cancel(self) -> None:
         if not self._done:
@@ -106,9 +118,6 @@ class GroupCommitter:
                 batcher.outstanding += 1
         return _GroupTicket(self, batcher)
 
-    def close(self) -> None:
-        pass
-
     def _commit(self, b: _SlotBatcher, me: _Member) -> KafkaResult:
         me.wake.acquire()
         with b.cond:
@@ -133,28 +142,45 @@ class GroupCommitter:
                 b.cond.wait(left)
             batch = b.queue[: self.group.max_batch]
             del b.queue[: len(batch)]
+        # Only members of the slot's current session may commit in this batch; the
+        # others took their session before a failure replaced it (run_transaction
+        # checks the generation again under the slot's lock).
+        current = b.slot.generation
+        stale = [m for m in batch if m.generation != current]
+        for m in stale:
+            m.result = KafkaResult(
+                KafkaOutcome.FAILED_BEFORE_COMMIT, None,
+                f"the producer session taken before PREPARE (generation {m.generation}) "
+                f"was replaced (now {current}); only that session may commit")
+        members = [m for m in batch if m.result is None]
+        result: KafkaResult | None = None
         try:
-            result = run_transaction(
-                b.slot,
-                [m for member in batch for m in member.messages],
-                [member.decision for member in batch],
-                self.decision_topic,
-                self.commit_retry,
-                self.timeout,
-                batch[0].decision.gid if len(batch) == 1
-                else f"{batch[0].decision.gid} (+{len(batch) - 1} in group)",
-            )
+            if members:
+                assert current is not None
+                result = run_transaction(
+                    b.slot,
+                    [m for member in members for m in member.messages],
+                    [member.decision for member in members],
+                    self.decision_topic,
+                    self.commit_retry,
+                    self.timeout,
+                    members[0].decision.gid if len(members) == 1
+                    else f"{members[0].decision.gid} (+{len(members) - 1} in group)",
+                    generation=current,
+                )
         except BaseException as exc:
             result = KafkaResult(KafkaOutcome.UNKNOWN, exc, f"unexpected: {exc!r}")
             raise
         finally:
             with b.cond:
-                for member in batch:
+                for member in members:
                     member.result = result
+                for member in batch:
                     if member is not me:
                         member.wake.release()
                 if b.queue:  # hand the lead to the next waiting member
                     b.queue[0].wake.release()
                 else:
                     b.committing = False
-        return result
+        assert me.result is not None
+        return me.result

@@ -17,11 +17,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Concatenate, ParamSpec
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from ._errmap import describe, kafka_error_kind, kafka_error_of, kafka_startup_error
+from ._errmap import (
+    describe,
+    is_transient,
+    kafka_error_kind,
+    kafka_error_of,
+    kafka_startup_error,
+)
 from ._protocol import CommitAction, KafkaErrorKind, commit_action
 from .config import RetryPolicy
 from .decision_log import DecisionRecord
@@ -29,8 +35,10 @@ from .decision_log import DecisionRecord
 __all__ = [
     "KafkaOutcome",
     "KafkaResult",
+    "ProducerFactory",
     "ProducerPool",
     "ProducerSlot",
+    "Session",
     "StagedMessage",
     "run_transaction",
 ]
@@ -70,61 +78,149 @@ class KafkaResult:
     commit_seconds: float = 0.0
 
 
+ProducerFactory = Callable[[dict[str, Any]], Producer]
+"""Makes a transactional producer from its configuration (``confluent_kafka.Producer``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One producer session of a slot: what ``init_transactions()`` started.
+
+    A transaction takes the slot's session *before* PREPARE and may commit in
+    Kafka only with that very session (same ``generation``). A session started
+    after PREPARE has an epoch newer than any fence recovery may have run in
+    between, so it must never carry that transaction's commit.
+    """
+
+    generation: int
+    floor: int
+    """An offset of the slot's decision partition observed now: every decision
+    record produced later lands at this offset or beyond."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Live:
+    producer: Producer
+    generation: int
+
+
 class ProducerSlot:
-    """One transactional producer, created lazily and re-created after a fatal error."""
+    """One transactional producer with a stable ``transactional.id``.
+
+    The producer is created (and ``init_transactions()``-ed) by :meth:`session`,
+    which a transaction calls before PREPARE; it is replaced after any failure
+    (:meth:`discard`). ``lock`` serialises a Kafka transaction on the slot and
+    the creation of its next producer, so a new session never starts while a
+    transaction of the old one is in flight.
+    """
 
     def __init__(
         self, index: int, transactional_id: str, decision_partition: int,
-        conf: dict[str, Any], timeout: float,
+        conf: dict[str, Any], timeout: float, *,
+        high_watermark: Callable[[int], int],
+        factory: ProducerFactory = Producer,
     ) -> None:
         self.index = index
         self.transactional_id = transactional_id
         self.decision_partition = decision_partition
         self._conf = {**conf, "transactional.id": transactional_id}
         self._timeout = timeout
-        self._producer: Producer | None = None
+        self._high_watermark = high_watermark
+        self._factory = factory
+        self.lock = threading.Lock()
+        self._live: _Live | None = None
+        self._generations = 0
+        self._floor = 0
 
-    def ready(self, deadline: float | None = None) -> Producer:
-        """The producer, created and ``init_transactions()``-ed when needed.
+    def session(self, deadline: float | None = None) -> Session:
+        """The current session, started now when the slot has no producer.
 
         ``init_transactions()`` fences any older producer with this
         transactional.id (aborting its open transaction, or waiting for a
-        commit it already started).
+        commit it already started). Raises ``KafkaException`` when Kafka cannot
+        start a session.
         """
-        if self._producer is None:
-            producer = Producer(self._conf)
-            end = deadline if deadline is not None else time.monotonic() + 3 * self._timeout
-            while True:
-                try:
-                    producer.init_transactions(self._timeout)
-                    break
-                except KafkaException as exc:
-                    err = kafka_error_of(exc)
-                    if err is not None and err.retriable() and time.monotonic() < end:
-                        continue
-                    _close_quietly(producer)
-                    raise
-            self._producer = producer
-        return self._producer
+        live = self._live
+        if live is None:
+            with self.lock:  # waits for a transaction in flight on the old producer
+                if self._live is None:
+                    self._start(deadline)
+                live = self._live
+                assert live is not None
+        return Session(live.generation, self._floor)
+
+    def _start(self, deadline: float | None) -> None:
+        producer = self._factory(self._conf)
+        end = deadline if deadline is not None else time.monotonic() + 3 * self._timeout
+        try:
+            _until_done(lambda: producer.init_transactions(self._timeout), end)
+            # The floor of this session's transactions: any decision produced from now
+            # on lands at this offset or later.
+            self.advance_floor(_until_done(
+                lambda: self._high_watermark(self.decision_partition), end))
+        except BaseException:
+            _close_quietly(producer)
+            raise
+        self._generations += 1
+        self._live = _Live(producer, self._generations)
+
+    def producer_of(self, generation: int) -> Producer | None:
+        """The producer of session ``generation`` if it is still the slot's
+        current one (call with ``lock`` held), else ``None``."""
+        live = self._live
+        return live.producer if live is not None and live.generation == generation else None
+
+    @property
+    def generation(self) -> int | None:
+        """The current session's generation (``None``: no producer)."""
+        live = self._live
+        return None if live is None else live.generation
+
+    def advance_floor(self, offset: int) -> None:
+        """Record that the decision partition has reached ``offset``."""
+        if offset > self._floor:
+            self._floor = offset
 
     def discard(self) -> None:
-        """Drop the producer after a fatal error; the next use makes a new one."""
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            _close_quietly(producer)
+        """Drop the producer after a failure; the next :meth:`session` makes a new one."""
+        live, self._live = self._live, None
+        if live is not None:
+            _close_quietly(live.producer)
 
     @property
     def alive(self) -> bool:
-        return self._producer is not None
+        return self._live is not None
+
+
+T = TypeVar("T")
+
+
+def _until_done(call: Callable[[], T], end: float) -> T:
+    """``call()``, again on retriable Kafka errors (a leader moving, a broker
+    restarting) until ``end`` (monotonic)."""
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            err = kafka_error_of(exc)
+            if err is None or not is_transient(err) or time.monotonic() >= end:
+                raise
+            time.sleep(0.05)
 
 
 def _close_quietly(producer: Producer) -> None:
-    try:
-        producer.purge(in_queue=True, in_flight=True, blocking=False)
-        producer.flush(0)
-        producer.close()
-    except Exception:  # closing a broken producer must not mask the real error
-        log.debug("closing a discarded producer failed", exc_info=True)
+    """Purge, flush and close a producer; a failing step must neither mask the real
+    error nor skip the steps after it (``close()`` above all)."""
+    steps: tuple[Callable[[], object], ...] = (
+        lambda: producer.purge(in_queue=True, in_flight=True, blocking=False),
+        lambda: producer.flush(0),
+        producer.close,
+    )
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            log.debug("closing a discarded producer: a step failed", exc_info=True)
 
 
 class ProducerPool:
@@ -141,7 +237,7 @@ class ProducerPool:
         """Create every producer and fence the previous incarnation's ones."""
         for slot in self.slots:
             try:
-                slot.ready(deadline)
+                slot.session(deadline)
             except KafkaException as exc:
                 raise kafka_startup_error(
                     exc, f"init_transactions({slot.transactional_id})"
@@ -166,17 +262,24 @@ _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 
 class _Deliveries:
     """Counts delivery reports of one transaction and keeps the first error
-    (the first real one: messages purged because of it are a consequence)."""
+    (the first real one: messages purged because of it are a consequence),
+    and the highest offset a decision record was written at."""
 
-    def __init__(self) -> None:
+    def __init__(self, decision_topic: str) -> None:
         self.pending = 0
         self.error: KafkaError | None = None
+        self.decision_topic = decision_topic
+        self.last_decision = -1
 
     def __call__(self, err: KafkaError | None, msg: Message) -> None:
         self.pending -= 1
         if err is not None and (self.error is None or (
                 self.error.code() in _PURGED and err.code() not in _PURGED)):
             self.error = err
+        if err is None and msg.topic() == self.decision_topic:
+            offset = msg.offset()
+            if offset is not None and offset > self.last_decision:
+                self.last_decision = offset
 
 
 def _discard_on_escape(
@@ -206,14 +309,33 @@ def run_transaction(
     commit_retry: RetryPolicy,
     timeout: float,
     log_id: str,
+    *,
+    generation: int,
 ) -> KafkaResult:
-    """Produce ``messages`` and ``decisions`` in one Kafka transaction and commit it."""
-    try:
-        producer = slot.ready()
-    except KafkaException as exc:
-        slot.discard()
-        return KafkaResult(KafkaOutcome.FAILED_BEFORE_COMMIT, exc, "init_transactions failed")
-    deliveries = _Deliveries()
+    """Produce ``messages`` and ``decisions`` in one Kafka transaction and commit it,
+    with the slot's session ``generation`` only (the one taken before PREPARE)."""
+    with slot.lock:
+        producer = slot.producer_of(generation)
+        if producer is None:
+            return KafkaResult(
+                KafkaOutcome.FAILED_BEFORE_COMMIT, None,
+                f"the producer session taken before PREPARE (generation {generation}) was "
+                f"replaced (now {slot.generation}); only that session may commit")
+        return _run(slot, producer, messages, decisions, decision_topic, commit_retry,
+                    timeout, log_id)
+
+
+def _run(
+    slot: ProducerSlot,
+    producer: Producer,
+    messages: Sequence[StagedMessage],
+    decisions: Sequence[DecisionRecord],
+    decision_topic: str,
+    commit_retry: RetryPolicy,
+    timeout: float,
+    log_id: str,
+) -> KafkaResult:
+    deliveries = _Deliveries(decision_topic)
     try:
         producer.begin_transaction()
         for m in messages:
@@ -222,6 +344,7 @@ def run_transaction(
             _produce(producer, deliveries, decision_topic, d.value(), d.key(), d.headers(),
                      slot.decision_partition)
         remaining = producer.flush(timeout)
+        slot.advance_floor(deliveries.last_decision + 1)
         if remaining > 0:
             raise _BeforeCommit(f"{remaining} message(s) not delivered within {timeout}s")
         if deliveries.error is not None:
@@ -239,21 +362,25 @@ def run_transaction(
         lambda e: (err := kafka_error_of(e)) is not None
         and kafka_error_kind(err) is KafkaErrorKind.RETRIABLE
     )
+    attempts = 0
     try:
         for attempt in retrying:
             with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    log.warning("gid=%s retrying Kafka commit (attempt %d)", log_id,
-                                attempt.retry_state.attempt_number)
+                attempts = attempt.retry_state.attempt_number
+                if attempts > 1:
+                    log.warning("gid=%s retrying Kafka commit (attempt %d)", log_id, attempts)
                 producer.commit_transaction(timeout)
     except Exception as exc:
         err = kafka_error_of(exc)
         kind = kafka_error_kind(err) if err is not None else KafkaErrorKind.OTHER
-        action = commit_action(kind, retries_left=False)
+        action = commit_action(kind, retries_left=False, attempts=attempts)
         elapsed = time.monotonic() - started
         if action is CommitAction.ABORT:
             _abort(slot, producer, timeout, log_id)
             return KafkaResult(KafkaOutcome.ABORTED, exc, describe(exc), elapsed)
+        # Replace the producer: its new epoch fences whatever of this transaction is
+        # still in flight (librdkafka has no KIP-890 protection against a late
+        # request landing in the next transaction of the same epoch).
         slot.discard()
         return KafkaResult(KafkaOutcome.UNKNOWN, exc, f"{kind.value}: {describe(exc)}", elapsed)
     # The commit succeeded, so every message was delivered; check the reports anyway.

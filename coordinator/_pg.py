@@ -50,19 +50,38 @@ def check_server(conn: Connection) -> int:
     return limit
 
 
-def prepare(conn: Connection, gid: str) -> None:
+def prepare(conn: Connection, gid: str) -> int | None:
     """``PREPARE TRANSACTION gid``; raise unless PostgreSQL really prepared.
+
+    Returns the transaction's id (``pg_current_xact_id()``, read in the same
+    round trip), so that the transaction's fate can be asked of PostgreSQL
+    later (:func:`xact_status`) when its gid is gone. ``None`` when the block
+    failed before (the SELECT is then refused along with the PREPARE).
 
     PREPARE on a transaction that already failed does a ROLLBACK and reports
     the command tag ``ROLLBACK``: that must never be taken for success.
     """
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(gid)))
+        # Two statements, no parameters: one simple-query round trip.
+        cur.execute(sql.SQL(
+            "SELECT pg_current_xact_id()::text::bigint; PREPARE TRANSACTION {}"
+        ).format(sql.Literal(gid)))
+        row = cur.fetchone()
+        xid = int(str(row[0])) if row is not None else None
+        cur.nextset()
         if cur.statusmessage != "PREPARE TRANSACTION":
             raise NotPrepared(
                 f"PostgreSQL answered {cur.statusmessage!r} instead of PREPARE TRANSACTION: "
                 "a statement inside the block had failed, so the transaction was rolled back"
             )
+    return xid
+
+
+def xact_status(conn: Connection, xid: int) -> str | None:
+    """PostgreSQL's word on transaction ``xid``: ``committed``, ``aborted``,
+    ``in progress`` (a prepared transaction is), or ``None`` when too old to tell."""
+    row = conn.execute("SELECT pg_xact_status(%s::text::xid8)", (str(xid),)).fetchone()
+    return None if row is None or row[0] is None else str(row[0])
 
 
 class NotPrepared(Exception):

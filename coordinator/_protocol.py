@@ -120,15 +120,19 @@ class CommitAction(StrEnum):
     """The outcome cannot be known here: leave PostgreSQL prepared for recovery."""
 
 
-def commit_action(kind: KafkaErrorKind, retries_left: bool) -> CommitAction:
-    """What to do when ``commit_transaction()`` raised an error of ``kind``.
+def commit_action(kind: KafkaErrorKind, retries_left: bool, attempts: int = 1) -> CommitAction:
+    """What to do when the ``attempts``-th call of ``commit_transaction()`` raised
+    an error of ``kind``.
 
     A retriable error (a time-out included) leaves the commit possibly in
     flight: it is retried, and once the retries are spent the outcome is
-    unknown -- never guessed.
+    unknown -- never guessed. An abortable error is a definite abort only on
+    the first attempt: after a retry, an earlier attempt's EndTxn may have
+    reached the broker and committed (librdkafka documents that the commit
+    may have succeeded in that state), so the outcome is unknown.
     """
     if kind is KafkaErrorKind.ABORTABLE:
-        return CommitAction.ABORT
+        return CommitAction.ABORT if attempts <= 1 else CommitAction.LEAVE_IN_DOUBT
     if kind is KafkaErrorKind.RETRIABLE and retries_left:
         return CommitAction.RETRY
     return CommitAction.LEAVE_IN_DOUBT

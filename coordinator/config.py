@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tenacity
+from confluent_kafka import Producer
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from ._enums import Step
 from .decision_log import DecisionTopic
+from .errors import ConfigurationError
 
 __all__ = ["CoordinatorConfig", "GroupCommit", "RetryPolicy", "default_instance"]
 
@@ -50,6 +53,21 @@ class GroupCommit:
 
     max_wait: float = 0.002
     max_batch: int = 64
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.max_batch, int) and self.max_batch >= 1,
+               f"GroupCommit.max_batch must be an integer >= 1, got {self.max_batch!r}")
+        _check(_number(self.max_wait) and 0 <= self.max_wait <= 60,
+               f"GroupCommit.max_wait must be between 0 and 60 seconds, got {self.max_wait!r}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigurationError(message)
 
 
 def default_instance() -> str:
@@ -110,9 +128,46 @@ class CoordinatorConfig:
     """``None``: one Kafka transaction per operation."""
     producer_overrides: dict[str, Any] = field(default_factory=dict)
     """Extra librdkafka settings for the transactional producers only."""
+    decision_log_table: str = "pk2pc_decision_logs"
+    """Where each coordinator registers its decision log (cluster id, topic, topic
+    id) at start-up, in ``idempotency_schema``; recovery reads it from there."""
+    max_clock_skew_seconds: float | None = 300.0
+    """Start-up fails when this host's clock and PostgreSQL's differ by more
+    (``None``: no check). No guarantee depends on clocks; a skewed host makes
+    logs, alert ages and operators' reasoning wrong."""
+    producer_factory: Callable[[dict[str, Any]], Producer] = Producer
+    """Makes each transactional producer from its configuration (a seam for
+    tests and instrumentation, like psycopg_pool's ``connection_class``)."""
+    on_step: Callable[[Step, str | None], None] | None = None
+    """Called with each :class:`~coordinator.Step` a transaction reaches and its
+    gid (a seam for tests, fault injection and tracing)."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.producers <= 1000:
-            raise ValueError("producers must be between 1 and 1000")
-        if self.transaction_timeout_ms < 1000:
-            raise ValueError("transaction_timeout_ms below 1000 is not supported")
+        _check(isinstance(self.producers, int) and 1 <= self.producers <= 1000,
+               f"producers must be between 1 and 1000, got {self.producers!r}")
+        _check(isinstance(self.transaction_timeout_ms, int)
+               and 1000 <= self.transaction_timeout_ms <= 3_600_000,
+               "transaction_timeout_ms must be between 1000 and 3600000, got "
+               f"{self.transaction_timeout_ms!r}")
+        for name in ("kafka_timeout", "startup_timeout", "connection_timeout"):
+            value = getattr(self, name)
+            _check(_number(value) and 0 < value <= 3600,
+                   f"{name} must be between 0 (excluded) and 3600 seconds, got {value!r}")
+        _check(isinstance(self.pool_min_size, int) and isinstance(self.pool_max_size, int)
+               and 0 <= self.pool_min_size <= self.pool_max_size and self.pool_max_size >= 1,
+               "need 0 <= pool_min_size <= pool_max_size and pool_max_size >= 1, got "
+               f"{self.pool_min_size!r}, {self.pool_max_size!r}")
+        _check(isinstance(self.idempotency_wait_ms, int) and self.idempotency_wait_ms >= 1,
+               f"idempotency_wait_ms must be an integer >= 1, got {self.idempotency_wait_ms!r}")
+        for name in ("idempotency_table", "decision_log_table"):
+            _check(isinstance(getattr(self, name), str) and bool(getattr(self, name)),
+                   f"{name} must be a non-empty string")
+        _check(self.max_clock_skew_seconds is None or (
+            _number(self.max_clock_skew_seconds) and self.max_clock_skew_seconds > 0),
+            f"max_clock_skew_seconds must be > 0 or None, got {self.max_clock_skew_seconds!r}")
+        _check(self.group_commit is None or isinstance(self.group_commit, GroupCommit),
+               "group_commit must be a GroupCommit or None")
+        _check(isinstance(self.decision_topic, DecisionTopic),
+               "decision_topic must be a DecisionTopic")
+        _check("transactional.id" not in self.producer_overrides,
+               "do not set 'transactional.id': the coordinator derives one per producer")

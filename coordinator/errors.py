@@ -19,6 +19,7 @@ transaction is rolled back, committed, or undecided until recovery runs.
     +-- IdempotencyKeyBusy          another transaction holds the key (running or in doubt)
     +-- OutcomeUnknown              Kafka commit outcome unknown; PostgreSQL left prepared
     +-- CommittedPendingRecovery    committed; PostgreSQL's COMMIT PREPARED left to recovery
+    +-- Diverged                    one side committed and the other rolled back (a bug)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "CommittedPendingRecovery",
     "ConfigurationError",
     "DecisionTopicMisconfigured",
+    "Diverged",
     "Error",
     "IdempotencyKeyBusy",
     "OutcomeUnknown",
@@ -59,8 +61,9 @@ class Error(Exception):
         return f"{self.message} ({', '.join(context)})" if context else self.message
 
 
-class ConfigurationError(Error):
-    """A start-up check failed (settings, privileges, topic configuration)."""
+class ConfigurationError(Error, ValueError):
+    """A configuration value or a start-up check failed (settings, privileges,
+    topic configuration). Also a :class:`ValueError`."""
 
 
 class PreparedTransactionsDisabled(ConfigurationError):
@@ -145,3 +148,16 @@ class CommittedPendingRecovery(Error):
     """The transaction IS committed (the commit point passed), but PostgreSQL's
     ``COMMIT PREPARED`` failed; the rows become visible when recovery runs.
     Do not retry the operation."""
+
+
+class Diverged(Error):
+    """PostgreSQL and Kafka disagree about this transaction: one side committed
+    and the other rolled back. The protocol is built so that this cannot
+    happen; it is raised (and logged at CRITICAL) rather than ever reporting
+    such a transaction as committed. Reconcile it by hand and report a bug.
+    ``kafka_committed`` tells which side committed."""
+
+    def __init__(self, message: str, *, gid: str | None = None, phase: Phase | None = None,
+                 kafka_committed: bool = True):
+        super().__init__(message, gid=gid, phase=phase)
+        self.kafka_committed = kafka_committed

@@ -1,8 +1,8 @@
 """The PostgreSQL global transaction id (gid) of a coordinated transaction.
 
-Format, version 1 (at most 199 bytes, PostgreSQL's limit)::
+Format, version 2 (at most 199 bytes, PostgreSQL's limit)::
 
-    pk2pc1:<name>:<instance>:<slot>:<partition>:<txid>
+    pk2pc2:<name>:<instance>:<slot>:<partition>:<floor>:<log>:<txid>
 
 ``name``
     the coordinator's name (one service, one set of transactions);
@@ -13,11 +13,23 @@ Format, version 1 (at most 199 bytes, PostgreSQL's limit)::
     ``transactional.id`` (see :func:`transactional_id`);
 ``partition``
     the decision topic partition the decision record goes to;
+``floor``
+    an offset of that partition observed *before* PREPARE (the high watermark
+    when the producer session started, or past the slot's last delivered
+    decision): the decision record, produced after PREPARE, can only be at
+    this offset or later. Recovery starts its search here, so the search
+    trusts no clock, and it refuses to conclude "no decision" when the
+    partition's log no longer starts at or before it (records deleted);
+``log``
+    a fingerprint of the decision log (Kafka cluster id, topic name, topic
+    id; see :func:`coordinator.decision_log.log_fingerprint`): recovery
+    refuses to decide from any other log -- a wrong topic, a wrong cluster,
+    a topic deleted and re-created;
 ``txid``
     32 lowercase hex digits, unique per transaction.
 
 Recovery derives from a gid everything it needs: the ``transactional.id`` to
-fence and the partition to search. :func:`parse` rejects anything this
+fence, the log and partition to search and where to start. :func:`parse` rejects anything this
 library did not make, so recovery never touches a foreign prepared transaction.
 """
 
@@ -37,14 +49,15 @@ __all__ = [
     "transactional_id",
 ]
 
-GID_PREFIX = "pk2pc1"
+GID_PREFIX = "pk2pc2"
 MAX_GID_BYTES = 199  # GIDSIZE is 200 including the terminating NUL
 
 _IDENT = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}"
 _IDENT_RE = re.compile(rf"\A{_IDENT}\Z")
 _GID_RE = re.compile(
     rf"\A{GID_PREFIX}:(?P<name>{_IDENT}):(?P<instance>{_IDENT})"
-    r":(?P<slot>0|[1-9][0-9]{0,3}):(?P<partition>0|[1-9][0-9]{0,4}):(?P<txid>[0-9a-f]{32})\Z"
+    r":(?P<slot>0|[1-9][0-9]{0,3}):(?P<partition>0|[1-9][0-9]{0,4})"
+    r":(?P<floor>0|[1-9][0-9]{0,18}):(?P<log>[0-9a-f]{12}):(?P<txid>[0-9a-f]{32})\Z"
 )
 
 
@@ -82,6 +95,8 @@ class Gid:
     instance: str
     slot: int
     partition: int
+    floor: int
+    log: str
     txid: str
 
     def __post_init__(self) -> None:
@@ -91,12 +106,17 @@ class Gid:
             raise ValueError(f"slot out of range: {self.slot}")
         if not 0 <= self.partition <= 99999:
             raise ValueError(f"partition out of range: {self.partition}")
+        if not 0 <= self.floor < 2**63:
+            raise ValueError(f"floor out of range: {self.floor}")
+        if not re.fullmatch(r"[0-9a-f]{12}", self.log):
+            raise ValueError(f"log must be 12 lowercase hex digits: {self.log!r}")
         if not re.fullmatch(r"[0-9a-f]{32}", self.txid):
             raise ValueError(f"txid must be 32 lowercase hex digits: {self.txid!r}")
 
     @classmethod
-    def new(cls, name: str, instance: str, slot: int, partition: int) -> Gid:
-        return cls(name, instance, slot, partition, uuid.uuid4().hex)
+    def new(cls, name: str, instance: str, slot: int, partition: int, floor: int,
+            log: str) -> Gid:
+        return cls(name, instance, slot, partition, floor, log, uuid.uuid4().hex)
 
     @property
     def transactional_id(self) -> str:
@@ -105,7 +125,7 @@ class Gid:
     def __str__(self) -> str:
         return (
             f"{GID_PREFIX}:{self.name}:{self.instance}:{self.slot}"
-            f":{self.partition}:{self.txid}"
+            f":{self.partition}:{self.floor}:{self.log}:{self.txid}"
         )
 
 
@@ -121,5 +141,7 @@ def parse(text: str) -> Gid:
         instance=m["instance"],
         slot=int(m["slot"]),
         partition=int(m["partition"]),
+        floor=int(m["floor"]),
+        log=m["log"],
         txid=m["txid"],
     )

@@ -466,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         transaction_timeout_ms=args.transaction_timeout_ms,
         kafka_timeout=10.0,
         startup_timeout=20.0,
+        producer_factory=crash_worker.CrashingProducer,
         connection_timeout=10.0,
         pool_max_size=max(4, 2 * args.threads),
         idempotency_wait_ms=1000,

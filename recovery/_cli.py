@@ -44,7 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--instance", help="only this coordinator instance's transactions")
     p.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
                    help="extra librdkafka setting (repeatable), e.g. security.protocol=SSL")
-    p.add_argument("--decision-topic", default=RecoveryConfig().decision_topic)
+    p.add_argument("--decision-topic", default=None,
+                   help="the decision topic, when the coordinators' registration cannot be "
+                   "read; must match it otherwise. Gids whose decision log (cluster, topic, "
+                   "topic id) is not the one read are never decided from it")
+    p.add_argument("--transaction-timeout-ms", type=int, default=None,
+                   help="transaction.timeout.ms of the fencing producer (default: the "
+                   "coordinator's registered value)")
     p.add_argument("--grace-seconds", type=float, default=RecoveryConfig().grace_seconds,
                    help="leave transactions younger than this alone (default %(default)s)")
     p.add_argument("--alert-after-seconds", type=float,
@@ -81,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             decision_topic=args.decision_topic, grace_seconds=args.grace_seconds,
             instance=args.instance, dry_run=args.dry_run,
             alert_after_seconds=args.alert_after_seconds,
+            transaction_timeout_ms=args.transaction_timeout_ms,
         )
         report = recover(args.postgres, _kafka_conf(args), args.name, cfg)
     except (RecoveryError, ValueError) as exc:

@@ -1,34 +1,46 @@
-"""Kafka side of recovery: fence a transactional.id, read the decision log."""
+"""Kafka side of recovery: fence a transactional.id, read a decision log."""
 
 from __future__ import annotations
 
 import logging
 import time
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin import AdminClient
+
+from coordinator.decision_log import (
+    DecisionLog,
+    DecisionRecord,
+    describe_decision_log,
+    high_watermarks,
+    log_start_offsets,
+)
 
 __all__ = ["DecisionReader", "fence"]
 
 log = logging.getLogger("recovery.kafka")
 
-_CONSUMER_ONLY_DROP = ("transactional.id", "transaction.timeout.ms", "acks", "linger.ms",
-                       "enable.idempotence")
+_PRODUCER_ONLY = ("transactional.id", "transaction.timeout.ms", "acks", "linger.ms",
+                  "enable.idempotence")
+_OUT_OF_RANGE = frozenset({KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE})
 
 
-def fence(transactional_id: str, conf: Mapping[str, Any], timeout: float) -> None:
+def fence(transactional_id: str, conf: Mapping[str, Any], timeout: float,
+          transaction_timeout_ms: int) -> None:
     """Fence every older producer with ``transactional_id``.
 
     ``init_transactions()`` bumps the producer epoch: an open transaction of
     the old producer is aborted, a commit it already started is completed
     first; afterwards the old producer can neither produce nor commit.
+    ``transaction_timeout_ms`` must be accepted by the brokers
+    (``transaction.max.timeout.ms``): the coordinator's own value is.
     """
-    producer = Producer({**conf, "transactional.id": transactional_id,
-                         "transaction.timeout.ms": 10_000})
+    producer = Producer({"transaction.timeout.ms": transaction_timeout_ms, **conf,
+                         "transactional.id": transactional_id})
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -49,44 +61,44 @@ def fence(transactional_id: str, conf: Mapping[str, Any], timeout: float) -> Non
 @dataclass
 class _Partition:
     partition: int
-    start: int = 0
-    position: int = 0
+    start: int
+    position: int
     wanted: set[str] = field(default_factory=set)
     found: set[str] = field(default_factory=set)
+    problem: str | None = None
+    """Why this partition cannot be read to its end (records deleted under us)."""
 
 
 class DecisionReader:
-    """Reads decision partitions with ``isolation.level=read_committed``.
+    """Reads one decision log with ``isolation.level=read_committed``.
 
-    Each partition is read from the offset of a timestamp a little before the
-    oldest prepare time of the gids searched in it, so the cost grows with
-    the traffic since the oldest in-doubt transaction, not with the log.
+    Each partition is read from the lowest ``floor`` of the gids searched in
+    it: an offset observed before those transactions were prepared, so their
+    decision records (produced after PREPARE) can only be there or later. No
+    timestamp, hence no clock, is involved. ``auto.offset.reset=error``: if the
+    records at the start offset are deleted meanwhile, the read fails loudly
+    instead of jumping ahead.
     """
 
     def __init__(self, conf: Mapping[str, Any], topic: str, timeout: float) -> None:
-        cconf = {k: v for k, v in conf.items() if k not in _CONSUMER_ONLY_DROP}
-        self._admin_conf = dict(cconf)
+        cconf = {k: v for k, v in conf.items() if k not in _PRODUCER_ONLY}
+        self._admin = AdminClient(dict(cconf))
         cconf.update({
             "group.id": f"pk2pc-recovery-{uuid.uuid4().hex}",
             "isolation.level": "read_committed",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
+            "auto.offset.reset": "error",
             "enable.partition.eof": False,
             "fetch.wait.max.ms": 50,
         })
         self.topic = topic
         self.timeout = timeout
         self._consumer = Consumer(cconf)
-        # Offsets by time and the high watermark come from a read_uncommitted
-        # consumer: with read_committed, ListOffsets answers with the last stable
-        # offset instead, which lags behind open transactions.
-        self._meta = Consumer({**cconf, "isolation.level": "read_uncommitted"})
         self._parts: dict[int, _Partition] = {}
 
     def close(self) -> None:
         self._consumer.close()
-        self._meta.close()
 
     def __enter__(self) -> DecisionReader:
         return self
@@ -94,56 +106,41 @@ class DecisionReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def check_topic(self) -> int:
-        """Raise when the decision topic cannot be reached; return its partitions."""
-        md = self._meta.list_topics(self.topic, timeout=self.timeout)
-        t = md.topics.get(self.topic)
-        if t is None or t.error is not None:
-            reason = t.error.str() if t is not None and t.error is not None else "missing"
-            raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART,
-                                            f"decision topic {self.topic}: {reason}"))
-        return len(t.partitions)
+    def describe(self) -> DecisionLog:
+        """The log as found (raises ``LookupError`` when the topic does not exist)."""
+        return describe_decision_log(self._admin, self.topic, self.timeout)
 
-    def retention_seconds(self) -> float | None:
-        """The decision topic's ``retention.ms`` in seconds (``None``: unlimited)."""
-        admin = AdminClient(self._admin_conf)
-        res = ConfigResource(ConfigResource.Type.TOPIC, self.topic)
-        configs = admin.describe_configs([res], request_timeout=self.timeout)[res].result(
-            self.timeout)
-        ms = int(configs["retention.ms"].value)
-        return None if ms < 0 else ms / 1000.0
-
-    def plan(self, wanted: Mapping[int, Collection[str]], start_ms: Mapping[int, int]) -> None:
-        """Set the gids to look for per partition and where to start reading."""
-        tps = [TopicPartition(self.topic, p, ms) for p, ms in start_ms.items()]
-        offsets = self._meta.offsets_for_times(tps, timeout=self.timeout)
-        for tp in offsets:
-            if tp.error is not None:
-                raise KafkaException(tp.error)
-            start = tp.offset
-            if start < 0:  # no record at or after the timestamp: start at the end
-                start = self.high_watermark(tp.partition)
-            self._parts[tp.partition] = _Partition(
-                tp.partition, start, start, set(wanted[tp.partition]))
+    def plan(self, wanted: Mapping[int, set[str]], start: Mapping[int, int]) -> None:
+        """The gids to look for in each partition and the offset to read from."""
+        self._parts = {p: _Partition(p, start[p], start[p], set(wanted[p])) for p in wanted}
         self._consumer.assign(
             [TopicPartition(self.topic, p.partition, p.start) for p in self._parts.values()])
 
-    def high_watermark(self, partition: int) -> int:
-        _, high = self._meta.get_watermark_offsets(
-            TopicPartition(self.topic, partition), timeout=self.timeout, cached=False)
-        return int(high)
+    def high_watermarks(self) -> dict[int, int]:
+        """Each planned partition's high watermark, as of now."""
+        return high_watermarks(self._admin, self.topic, set(self._parts), self.timeout)
+
+    def log_starts(self) -> dict[int, int]:
+        """Each planned partition's log-start offset, as of now."""
+        return log_start_offsets(self._admin, self.topic, set(self._parts), self.timeout)
 
     def found(self) -> set[str]:
         return set().union(*(p.found for p in self._parts.values())) if self._parts else set()
+
+    def problems(self) -> dict[int, str]:
+        return {p.partition: p.problem for p in self._parts.values() if p.problem is not None}
 
     def read_until(self, targets: Mapping[int, int], stall: float, deadline: float) -> set[int]:
         """Read until each partition's position reaches its target offset.
 
         Returns the partitions that reached it. A partition stops early when
         its position has not moved for ``stall`` seconds (its last stable
-        offset is held back by an open transaction) or at ``deadline``.
+        offset is held back by an open transaction), at ``deadline``, or when
+        its records were deleted under the reader. Transient errors (a broker
+        connection lost) are logged and the read goes on.
         """
-        pending = {p for p, target in targets.items() if self._parts[p].position < target}
+        pending = {p for p, target in targets.items()
+                   if self._parts[p].position < target and self._parts[p].problem is None}
         last_progress = {p: time.monotonic() for p in pending}
         while pending:
             now = time.monotonic()
@@ -157,15 +154,14 @@ class DecisionReader:
             for msg in self._consumer.consume(num_messages=2000, timeout=0.1):
                 err = msg.error()
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        continue
-                    raise KafkaException(err)
+                    self._on_error(err, msg.partition(), pending)
+                    continue
                 part = self._parts.get(msg.partition() or 0)
-                key = msg.key()
-                if part is not None and key is not None:
-                    k = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
-                    if k in part.wanted:
-                        part.found.add(k)
+                record = DecisionRecord.decode(msg.key(), msg.value())
+                if part is not None and record is not None and record.gid in part.wanted:
+                    part.found.add(record.gid)
+            if not pending:
+                break
             positions = self._consumer.position(
                 [TopicPartition(self.topic, p) for p in pending])
             for tp in positions:
@@ -175,4 +171,24 @@ class DecisionReader:
                     last_progress[tp.partition] = time.monotonic()
                 if part.position >= targets[tp.partition]:
                     pending.discard(tp.partition)
-        return {p for p, target in targets.items() if self._parts[p].position >= target}
+        return {p for p, target in targets.items()
+                if self._parts[p].position >= target and self._parts[p].problem is None}
+
+    def _on_error(self, err: KafkaError, partition: int | None, pending: set[int]) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.code() in _OUT_OF_RANGE:
+            parts = [partition] if partition is not None and partition in self._parts else list(
+                pending)
+            for p in parts:
+                self._parts[p].problem = (
+                    f"offset {self._parts[p].position} of partition {p} is out of range: "
+                    f"records were deleted while reading ({err.str()})")
+                pending.discard(p)
+            return
+        if err.fatal() or not (err.retriable() or err.code() in (
+                KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
+                KafkaError._RESOLVE)):
+            raise KafkaException(err)
+        log.warning("decision log %s: transient consumer error, reading on: %s", self.topic,
+                    err.str())

@@ -1,16 +1,23 @@
 """The recovery algorithm: decide every in-doubt transaction from the decision log.
 
 1. List our prepared transactions for ``name`` in the connected database,
-   older than the grace period.
-2. Read the decision partitions (read_committed) from a little before the
-   oldest prepare time up to what is readable now. A visible decision record
-   means commit -- no fence needed.
-3. For the rest, fence each ``transactional.id`` (``init_transactions()``),
-   take the high watermark *after* the fence and read on up to it, waiting
-   for the last stable offset to get there. Found: commit. Absent: roll back.
-4. ``COMMIT PREPARED`` / ``ROLLBACK PREPARED``, a few sessions in parallel.
+   older than the grace period (a liveness knob: safety never depends on it).
+2. Group them by the decision log their gid names (a fingerprint of cluster,
+   topic name and topic id). The topic to read comes from the decision-log
+   registry table (or ``decision_topic``, which must then match it); a log
+   whose fingerprint differs from the gids' is never used to decide them.
+3. Read each decision partition (read_committed) from the lowest *floor* of
+   its gids -- an offset observed before those transactions prepared -- up to
+   what is readable now. A visible decision record means commit, no fence.
+4. For the rest, fence each ``transactional.id`` (``init_transactions()``),
+   take the high watermark *after* the fences and read on up to it, waiting
+   for the last stable offset to get there. Still absent, with the log intact
+   from the floor on: roll back. Anything short of that: leave it in doubt.
+5. ``COMMIT PREPARED`` / ``ROLLBACK PREPARED``, a few sessions in parallel,
+   for everything decided -- also when another log or partition failed.
    Gids finished meanwhile by someone else are skipped; busy ones remain.
 
+The verdict itself is the pure function :func:`recovery._decide.decide`.
 Only the first run for a name acts at a time (a PostgreSQL advisory lock);
 a second one waits for it and then finds nothing left to do.
 """
@@ -22,16 +29,19 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from confluent_kafka import KafkaException
 
+from coordinator import CoordinatorConfig, Error
 from coordinator.decision_log import DecisionTopic
 from coordinator.gid import check_identifier
+from coordinator.registry import LogRegistry, RegisteredLog
 
+from ._decide import LogFacts, VerdictKind, decide, search_starts
 from ._kafka import DecisionReader, fence
 from ._model import InDoubt, RecoveryReport, Remaining
 from ._postgres import FinishOutcome, finish, list_in_doubt, recovery_lock
@@ -46,24 +56,26 @@ log = logging.getLogger("recovery")
 Connection = psycopg.Connection[tuple[object, ...]]
 
 
-class RecoveryError(Exception):
+class RecoveryError(Error):
     """Configuration or connection error: recovery changed nothing (exit code 2)."""
 
 
 @dataclass(frozen=True, slots=True)
 class RecoveryConfig:
-    decision_topic: str = DecisionTopic().name
+    decision_topic: str | None = None
+    """Override of the decision topic. ``None``: the topic each coordinator
+    registered (table ``decision_log_table``), else the default topic name.
+    When given and a registration exists, they must match. Either way, only a
+    log whose fingerprint matches a gid's is used to decide it."""
     grace_seconds: float = 60.0
     """Leave transactions younger than this alone: a live coordinator may still
-    be finishing them. Keep it well above the coordinator's transaction.timeout.ms."""
+    be finishing them. A liveness knob: 0 is safe, just disruptive (it rolls
+    back transactions a live coordinator was about to commit)."""
     instance: str | None = None
     """Only this coordinator instance's transactions (``None``: all instances)."""
     dry_run: bool = False
     alert_after_seconds: float = 600.0
     """Log an ALERT line for in-doubt transactions older than this."""
-    clock_skew_seconds: float = 120.0
-    """Margin between PostgreSQL's clock and the producers' record timestamps."""
-    retention_margin_seconds: float = 3600.0
     kafka_timeout: float = 10.0
     lso_wait_seconds: float = 30.0
     """How long to wait for the last stable offset to reach the high watermark."""
@@ -71,6 +83,12 @@ class RecoveryConfig:
     concurrency: int = 8
     """PostgreSQL sessions finishing transactions in parallel."""
     lock_wait_seconds: float = 120.0
+    transaction_timeout_ms: int | None = None
+    """``transaction.timeout.ms`` of the fencing producer (it must be accepted by
+    the brokers). ``None``: the kafka settings' value, else the coordinator's
+    registered one, else the coordinator's default."""
+    decision_log_table: str = CoordinatorConfig().decision_log_table
+    registry_schema: str | None = None
     prefenced_before: datetime | None = None
     prefenced_ids: frozenset[str] = field(default_factory=frozenset)
     """Transactional ids whose producers were fenced after ``prefenced_before``
@@ -110,7 +128,9 @@ def recover(
                     report.remaining.append(Remaining(t.text, "another recovery worker for "
                                                       f"{name!r} holds the lock"))
                 return report
-            _run(conn, postgres, kafka, cfg, in_doubt, report)
+            registry = LogRegistry(cfg.decision_log_table, cfg.registry_schema)
+            registered = registry.lookup(conn, name, {t.gid.log for t in in_doubt})
+            _run(conn, postgres, kafka, cfg, in_doubt, registered, report)
     except psycopg.OperationalError as exc:
         raise RecoveryError(f"PostgreSQL connection failed: {exc}".strip()) from None
     finally:
@@ -130,12 +150,14 @@ def recover_own(coordinator: Coordinator, kafka: Mapping[str, Any],
     if coordinator.started_at is None:
         raise RecoveryError("the coordinator is not open")
     base = config or RecoveryConfig()
-    cfg = RecoveryConfig(
-        **{**{f: getattr(base, f) for f in base.__dataclass_fields__},
-           "decision_topic": coordinator.config.decision_topic.name,
-           "instance": coordinator.instance,
-           "prefenced_before": coordinator.started_at,
-           "prefenced_ids": frozenset(coordinator.transactional_ids)}
+    cfg = replace(
+        base,
+        decision_topic=coordinator.config.decision_topic.name,
+        instance=coordinator.instance,
+        decision_log_table=coordinator.config.decision_log_table,
+        registry_schema=coordinator.config.idempotency_schema,
+        prefenced_before=coordinator.started_at,
+        prefenced_ids=frozenset(coordinator.transactional_ids),
     )
     pool = coordinator._pool  # the coordinator's own PostgreSQL (same role)
     if pool is None:
@@ -154,7 +176,8 @@ def _prefenced(t: InDoubt, cfg: RecoveryConfig) -> bool:
 
 
 def _run(conn: Connection, postgres: str | Connection, kafka: Mapping[str, Any],
-         cfg: RecoveryConfig, in_doubt: list[InDoubt], report: RecoveryReport) -> None:
+         cfg: RecoveryConfig, in_doubt: list[InDoubt],
+         registered: Mapping[str, RegisteredLog], report: RecoveryReport) -> None:
     todo: list[InDoubt] = []
     for t in in_doubt:
         if t.age_seconds < cfg.grace_seconds and not _prefenced(t, cfg):
@@ -172,95 +195,108 @@ def _run(conn: Connection, postgres: str | Connection, kafka: Mapping[str, Any],
         log.info("nothing in doubt past the grace period (%d waiting)", len(report.waiting))
         return
     log.info("%d in-doubt transaction(s) to resolve", len(todo))
-    try:
-        decisions = _decide(kafka, cfg, todo, report)
-    except KafkaException as exc:
-        reason = f"decision topic unreachable: {exc}"
-        log.error("%s; nothing was changed", reason)
-        for t in todo:
-            if t.text not in {r.gid for r in report.remaining}:
-                report.remaining.append(Remaining(t.text, reason))
-        return
+    by_log: dict[str, list[InDoubt]] = defaultdict(list)
+    for t in todo:
+        by_log[t.gid.log].append(t)
+    decisions: dict[str, bool] = {}
+    for fingerprint, group in sorted(by_log.items()):
+        facts = _learn(kafka, cfg, fingerprint, group, registered.get(fingerprint), report)
+        for t in group:
+            verdict = decide(t, facts)
+            if verdict.kind is VerdictKind.REMAIN:
+                report.remaining.append(Remaining(t.text, verdict.reason))
+                log.warning("gid=%s stays in doubt: %s", t.text, verdict.reason)
+            else:
+                decisions[t.text] = verdict.kind is VerdictKind.COMMIT
     _apply(conn, postgres, cfg, decisions, report)
 
 
-def _decide(kafka: Mapping[str, Any], cfg: RecoveryConfig, todo: list[InDoubt],
-            report: RecoveryReport) -> dict[str, bool]:
-    """gid -> True (commit) / False (roll back) for every gid that can be decided."""
-    decisions: dict[str, bool] = {}
-    with DecisionReader(kafka, cfg.decision_topic, cfg.kafka_timeout) as reader:
-        reader.check_topic()
-        retention_s = reader.retention_seconds()
-        by_part: dict[int, list[InDoubt]] = defaultdict(list)
-        for t in todo:
-            limit = None if retention_s is None else retention_s - cfg.retention_margin_seconds
-            if limit is not None and t.age_seconds > limit:
-                report.remaining.append(Remaining(
-                    t.text, "older than the decision topic's retention: its decision may have "
-                    "been deleted; resolve it by hand (see docs/operations.md)"))
-                continue
-            by_part[t.gid.partition].append(t)
-        if not by_part:
-            return decisions
-        start_ms = {p: int((min(t.prepared for t in ts).timestamp() - cfg.clock_skew_seconds)
-                           * 1000) for p, ts in by_part.items()}
-        reader.plan({p: {t.text for t in ts} for p, ts in by_part.items()}, start_ms)
+def _learn(kafka: Mapping[str, Any], cfg: RecoveryConfig, fingerprint: str,
+           group: list[InDoubt], registered: RegisteredLog | None,
+           report: RecoveryReport) -> LogFacts:
+    """Read one decision log (fencing where needed) and return what was found.
 
-        # Pass 1: whatever is readable now, no fence. A visible decision is final.
-        now_end = {p: reader.high_watermark(p) for p in by_part}
-        reader.read_until(now_end, stall=cfg.stall_seconds,
-                          deadline=time.monotonic() + cfg.lso_wait_seconds)
-        found = reader.found()
-        absent = [t for ts in by_part.values() for t in ts if t.text not in found]
-        for ts in by_part.values():
-            for t in ts:
-                if t.text in found:
-                    decisions[t.text] = True
-        if not absent:
-            return decisions
-        if cfg.dry_run:
-            for t in absent:
-                report.remaining.append(Remaining(
-                    t.text, f"dry run: no decision visible yet; would fence "
-                    f"{t.gid.transactional_id} and roll back if it stays absent"))
-            return decisions
+    Never raises for Kafka trouble: what was learned before it is returned, and
+    the rest stays in doubt with the reason.
+    """
+    topic = cfg.decision_topic or (registered.topic if registered else DecisionTopic().name)
+    if cfg.decision_topic and registered and registered.topic != cfg.decision_topic:
+        return LogFacts(None, unusable=(
+            f"the decision topic given ({cfg.decision_topic!r}) is not the one its "
+            f"coordinator registered ({registered.topic!r} on cluster "
+            f"{registered.cluster_id})"))
+    where = (f"registered as {registered.topic!r} on cluster {registered.cluster_id}"
+             if registered else "not registered")
+    found: set[str] = set()
+    try:
+        with DecisionReader(kafka, topic, cfg.kafka_timeout) as reader:
+            try:
+                dlog = reader.describe()
+            except LookupError as exc:
+                return LogFacts(None, unusable=f"{exc}; its decision log {fingerprint} is "
+                                f"{where}")
+            if dlog.fingerprint != fingerprint:
+                return LogFacts(dlog.fingerprint, unusable=(
+                    f"topic {topic!r} on cluster {dlog.cluster_id} (topic id "
+                    f"{dlog.topic_id}) is not its decision log {fingerprint} ({where}): "
+                    "wrong topic, wrong cluster, or the topic was deleted and re-created"))
+            wanted: dict[int, set[str]] = defaultdict(set)
+            for t in group:
+                wanted[t.gid.partition].add(t.text)
+            reader.plan(wanted, search_starts(group))
 
-        # Pass 2: fence, then read up to the high watermark as of after the fence.
-        to_fence = sorted({t.gid.transactional_id for t in absent if not _prefenced(t, cfg)})
-        failed = _fence_all(kafka, to_fence, cfg.kafka_timeout, report)
-        candidates = [t for t in absent if t.gid.transactional_id not in failed]
-        for t in absent:
-            if t.gid.transactional_id in failed:
-                report.remaining.append(Remaining(
-                    t.text, f"fencing {t.gid.transactional_id} failed: "
-                    f"{failed[t.gid.transactional_id]}"))
-        parts = {t.gid.partition for t in candidates}
-        end = {p: reader.high_watermark(p) for p in parts}
-        reached = reader.read_until(end, stall=cfg.lso_wait_seconds,
-                                    deadline=time.monotonic() + cfg.lso_wait_seconds)
-        found = reader.found()
-        for t in candidates:
-            if t.text in found:
-                decisions[t.text] = True
-            elif t.gid.partition in reached:
-                decisions[t.text] = False
-            else:
-                report.remaining.append(Remaining(
-                    t.text, f"decision partition {t.gid.partition} could not be read up to "
-                    f"its high watermark within {cfg.lso_wait_seconds}s (an open transaction "
-                    "holds back the last stable offset)"))
-    return decisions
+            # Pass 1: whatever is readable now, no fence. A visible decision is final.
+            reader.read_until(reader.high_watermarks(), stall=cfg.stall_seconds,
+                              deadline=time.monotonic() + cfg.lso_wait_seconds)
+            found = reader.found()
+            absent = [t for t in group if t.text not in found]
+            base = LogFacts(dlog.fingerprint, compacted=dlog.compacted,
+                            found=frozenset(found))
+            if not absent or cfg.dry_run:
+                return base
+
+            # Pass 2: fence, then read up to the high watermark as of after the fence.
+            prefenced = frozenset(t.text for t in absent if _prefenced(t, cfg))
+            to_fence = sorted({t.gid.transactional_id for t in absent
+                               if t.text not in prefenced})
+            timeout_ms = _fence_timeout_ms(kafka, cfg, registered)
+            failed = _fence_all(kafka, to_fence, cfg.kafka_timeout, timeout_ms, report)
+            end = reader.high_watermarks()
+            reached = reader.read_until(end, stall=cfg.lso_wait_seconds,
+                                        deadline=time.monotonic() + cfg.lso_wait_seconds)
+            found = reader.found()
+            return LogFacts(
+                dlog.fingerprint, compacted=dlog.compacted, found=frozenset(found),
+                fenced=True, fence_failed=failed, prefenced=prefenced,
+                reached=frozenset(reached), log_start=reader.log_starts(),
+                partition_problems=reader.problems())
+    except KafkaException as exc:
+        # Decisions already seen stay valid: commit those, leave the rest in doubt.
+        log.error("decision log %s (topic %r): %s", fingerprint, topic, exc)
+        return LogFacts(fingerprint, unusable=f"decision log unreachable: {exc}",
+                        found=frozenset(found))
+
+
+def _fence_timeout_ms(kafka: Mapping[str, Any], cfg: RecoveryConfig,
+                      registered: RegisteredLog | None) -> int:
+    if cfg.transaction_timeout_ms is not None:
+        return cfg.transaction_timeout_ms
+    if "transaction.timeout.ms" in kafka:
+        return int(kafka["transaction.timeout.ms"])
+    if registered is not None:
+        return registered.transaction_timeout_ms
+    return CoordinatorConfig().transaction_timeout_ms
 
 
 def _fence_all(kafka: Mapping[str, Any], tids: list[str], timeout: float,
-               report: RecoveryReport) -> dict[str, str]:
+               transaction_timeout_ms: int, report: RecoveryReport) -> dict[str, str]:
     failed: dict[str, str] = {}
     if not tids:
         return failed
 
     def one(tid: str) -> tuple[str, str | None]:
         try:
-            fence(tid, kafka, timeout)
+            fence(tid, kafka, timeout, transaction_timeout_ms)
             return tid, None
         except KafkaException as exc:
             return tid, str(exc)

@@ -73,6 +73,7 @@ from psycopg_pool import ConnectionPool  # noqa: E402
 
 import coordinator  # noqa: E402
 from coordinator import Coordinator, CoordinatorConfig, GroupCommit  # noqa: E402
+from coordinator.gid import GID_PREFIX  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -195,8 +196,8 @@ def rollback_own_prepared(dsn: str, instances: Sequence[str]) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute("SELECT gid FROM pg_prepared_xacts").fetchall()
         for (gid,) in rows:
-            if any(str(gid).startswith(f"pk2pc1:{COORD_NAME}:{i}:") for i in instances) or str(
-                    gid).startswith(f"pk2pc-bench-ref-{os.getpid()}-"):
+            ours = any(str(gid).startswith(f"{GID_PREFIX}:{COORD_NAME}:{i}:") for i in instances)
+            if ours or str(gid).startswith(f"pk2pc-bench-ref-{os.getpid()}-"):
                 with contextlib.suppress(psycopg.Error):
                     conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
                     n += 1

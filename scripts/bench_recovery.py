@@ -60,6 +60,7 @@ from psycopg import sql  # noqa: E402
 
 import recovery  # noqa: E402
 from coordinator import Coordinator, CoordinatorConfig, DecisionTopic  # noqa: E402
+from coordinator.gid import GID_PREFIX  # noqa: E402
 from tests.crash import indoubt  # noqa: E402
 from tests.plugins.kafka_helpers import create_topic, delete_topics, read_committed  # noqa: E402
 
@@ -243,7 +244,7 @@ def verify(dsn: str, bootstrap: str, topic: str, batch: Batch, label: str,
             sql.SQL("SELECT op_id FROM {} WHERE op_id LIKE %s").format(sql.Identifier(TABLE)),
             (f"{label}-%",)).fetchall()}
         prepared = conn.execute("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE %s",
-                                (f"pk2pc1:{batch.name}:%",)).fetchone()
+                                (f"{GID_PREFIX}:{batch.name}:%",)).fetchone()
     if rows != batch.commit:
         problems.append(f"PostgreSQL rows: {len(rows)}, expected {len(batch.commit)} "
                         f"({len(rows - batch.commit)} unexpected, {len(batch.commit - rows)} "

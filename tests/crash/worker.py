@@ -30,7 +30,7 @@ and produces ``--messages-per-op`` messages to ``--topic`` with key ``op_id`` an
     no crash.
 
 The crash points are reached by wrapping (no sleeps): a ``confluent_kafka.Producer``
-subclass installed as ``coordinator._kafka.Producer`` before the coordinator opens,
+subclass given as ``CoordinatorConfig.producer_factory``,
 and wrappers around ``coordinator._pg.prepare`` / ``coordinator._pg.finish_prepared``.
 
 The worker writes one JSON line per event to ``--out`` (default stdout), each flushed
@@ -64,7 +64,6 @@ from typing import Any, TextIO
 from confluent_kafka import Producer
 from psycopg import sql
 
-import coordinator._kafka
 import coordinator._pg
 from coordinator import (
     CommittedPendingRecovery,
@@ -164,8 +163,6 @@ class CrashingProducer(Producer):
 def _install(state: _State) -> None:
     global STATE
     STATE = state
-    coordinator._kafka.Producer = CrashingProducer  # type: ignore[attr-defined]
-
     real_prepare = coordinator._pg.prepare
     real_finish = coordinator._pg.finish_prepared
 
@@ -256,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         transaction_timeout_ms=args.transaction_timeout_ms,
         kafka_timeout=10.0,
         startup_timeout=60.0,
+        producer_factory=CrashingProducer,
     )
     coord = Coordinator(args.postgres, {"bootstrap.servers": args.bootstrap}, args.name,
                         instance=args.instance, config=config)

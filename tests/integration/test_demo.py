@@ -28,7 +28,7 @@ def test_demo_runs_and_both_sides_agree(pg_db: str, kafka_bootstrap: str) -> Non
         done = run_demo(pg_db, kafka_bootstrap)
         assert done.returncode == 0, done.stdout + done.stderr
         out = done.stdout
-        assert out.count("  committed  gid pk2pc1:demo:") == 5
+        assert out.count("  committed  gid pk2pc2:demo:") == 5
         assert "rolled_back: PaymentDeclined" in out
         assert "AlreadyCommitted" in out
         assert "PostgreSQL rows: 5   Kafka events: 5" in out

@@ -57,27 +57,21 @@ class FaultyProducer:
 def faulty(
     env: Env, orders: str, group_commit: GroupCommit | None
 ) -> Iterator[tuple[Coordinator, list[KafkaError], list[Any]]]:
+    errors: list[KafkaError] = []
+    wrappers: list[Any] = []
+
+    def factory(conf: dict[str, Any]) -> Any:
+        producer = FaultyProducer(Producer(conf), errors)
+        wrappers.append(producer)
+        return producer
+
     coord = env.coordinator(
         group_commit=group_commit,
         producers=1,
         kafka_commit_retry=RetryPolicy(stop=tenacity.stop_after_attempt(3),
                                        wait=tenacity.wait_none()),
+        producer_factory=factory,
     )
-    assert coord._producers is not None
-    slot = coord._producers.slots[0]
-    errors: list[KafkaError] = []
-    wrappers: list[Any] = []
-    real_ready = slot.ready
-
-    def ready(deadline: float | None = None) -> Any:
-        producer = real_ready(deadline)
-        if not isinstance(producer, FaultyProducer):
-            producer = FaultyProducer(producer, errors)
-            slot._producer = producer  # type: ignore[assignment]
-            wrappers.append(producer)
-        return producer
-
-    slot.ready = ready  # type: ignore[method-assign]
     yield coord, errors, wrappers
 
 

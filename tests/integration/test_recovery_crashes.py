@@ -307,7 +307,7 @@ def test_foreign_prepared_transactions_stay_untouched(lab: Crashes) -> None:
     env = lab.env
     env.execute("CREATE TABLE foreign_t (x int)")
     foreign = f"foreign-{uuid.uuid4().int % 1000}"
-    other_name = str(Gid.new(f"other{env.name}", env.instance, 0, 0))
+    other_name = str(Gid.new(f"other{env.name}", env.instance, 0, 0, 0, "0" * 12))
     _prepare(env.dsn, foreign, "INSERT INTO foreign_t VALUES (1)")
     _prepare(env.dsn, other_name, "INSERT INTO foreign_t VALUES (2)")
     # A gid of exactly our format and name, in another database.
@@ -315,7 +315,7 @@ def test_foreign_prepared_transactions_stay_untouched(lab: Crashes) -> None:
     with psycopg.connect(env.admin_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(other_db)))
     other_dsn = make_conninfo(env.admin_dsn, dbname=other_db)
-    ours_elsewhere = str(Gid.new(env.name, env.instance, 0, 0))
+    ours_elsewhere = str(Gid.new(env.name, env.instance, 0, 0, 0, "0" * 12))
     try:
         _prepare(other_dsn, ours_elsewhere)
         log = lab.crash(prefix="op", crash_at="after_commit")

@@ -40,7 +40,7 @@ from coordinator._errmap import (
 from coordinator._protocol import KafkaErrorKind
 from coordinator.decision_log import DecisionTopic, partition_for
 
-GID = "pk2pc1:orders:host-1:0:3:0123456789abcdef0123456789abcdef"
+GID = "pk2pc2:orders:host-1:0:3:17:00aa11bb22cc:0123456789abcdef0123456789abcdef"
 
 # -- kafka_error_kind on real KafkaError objects ---------------------------------
 
@@ -124,6 +124,16 @@ def test_is_connection_error() -> None:
     assert not is_connection_error(psycopg.errors.QueryCanceled("canceled"))
     assert not is_connection_error(psycopg.errors.UniqueViolation("dup"))
     assert not is_connection_error(RuntimeError("x"))
+
+
+def test_serialization_failures_and_deadlocks_are_not_a_lost_connection() -> None:
+    # SQLSTATE class 40: psycopg files them under OperationalError, but the server
+    # answered: the transaction is definitely rolled back.
+    for exc in (psycopg.errors.SerializationFailure("could not serialize access"),
+                psycopg.errors.DeadlockDetected("deadlock detected"),
+                psycopg.errors.TransactionRollback("rolled back")):
+        assert isinstance(exc, psycopg.OperationalError)
+        assert not is_connection_error(exc)
 
 
 def test_is_unknown_gid() -> None:

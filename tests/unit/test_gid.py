@@ -16,7 +16,8 @@ from coordinator.gid import (
 )
 
 TXID = "0123456789abcdef0123456789abcdef"
-GOOD = f"pk2pc1:orders:host-1:3:5:{TXID}"
+LOG = "00aa11bb22cc"
+GOOD = f"pk2pc2:orders:host-1:3:5:7:{LOG}:{TXID}"
 
 MAX_NAME = "N" + "n" * 47
 MAX_INSTANCE = "I" + "i.-_" * 11 + "abc"
@@ -33,7 +34,7 @@ def test_max_identifiers_are_48_chars() -> None:
 
 def test_parse_good() -> None:
     g = parse(GOOD)
-    assert g == Gid("orders", "host-1", 3, 5, TXID)
+    assert g == Gid("orders", "host-1", 3, 5, 7, LOG, TXID)
     assert g.transactional_id == "pk2pc.orders:host-1:3"
     assert str(g) == GOOD
 
@@ -48,7 +49,7 @@ def test_parse_good() -> None:
     ],
 )
 def test_round_trip(name: str, instance: str, slot: int, partition: int) -> None:
-    g = Gid.new(name, instance, slot, partition)
+    g = Gid.new(name, instance, slot, partition, 2**63 - 1, LOG)
     text = str(g)
     assert text.startswith(f"{GID_PREFIX}:")
     assert parse(text) == g
@@ -57,13 +58,13 @@ def test_round_trip(name: str, instance: str, slot: int, partition: int) -> None
 
 
 def test_max_length_gid_fits_postgres() -> None:
-    g = Gid.new(MAX_NAME, MAX_INSTANCE, 9999, 99999)
+    g = Gid.new(MAX_NAME, MAX_INSTANCE, 9999, 99999, 2**63 - 1, "f" * 12)
     assert len(str(g).encode("utf-8")) <= 199
     assert MAX_GID_BYTES == 199
 
 
 def test_new_gids_are_unique() -> None:
-    gids = {str(Gid.new("orders", "h", 0, 0)) for _ in range(1000)}
+    gids = {str(Gid.new("orders", "h", 0, 0, 0, LOG)) for _ in range(1000)}
     assert len(gids) == 1000
 
 
@@ -95,6 +96,11 @@ def test_transactional_id_is_unambiguous() -> None:
         ("slot", 10000),
         ("partition", -1),
         ("partition", 100000),
+        ("floor", -1),
+        ("floor", 2**63),
+        ("log", LOG.upper()),
+        ("log", LOG[:-1]),
+        ("log", LOG + "0"),
         ("txid", TXID.upper()),
         ("txid", TXID[:-1]),
         ("txid", TXID + "0"),
@@ -109,7 +115,8 @@ def test_transactional_id_is_unambiguous() -> None:
 )
 def test_gid_constructor_validates(field: str, value: object) -> None:
     kwargs: dict[str, object] = {
-        "name": "orders", "instance": "h", "slot": 0, "partition": 0, "txid": TXID,
+        "name": "orders", "instance": "h", "slot": 0, "partition": 0, "floor": 0,
+        "log": LOG, "txid": TXID,
     }
     kwargs[field] = value
     with pytest.raises(ValueError):
@@ -118,51 +125,58 @@ def test_gid_constructor_validates(field: str, value: object) -> None:
 
 HOSTILE = {
     "empty": "",
-    "other_prefix": f"pk2pc2:orders:host-1:3:5:{TXID}",
-    "prefix_only": "pk2pc1",
-    "prefix_colon": "pk2pc1:",
-    "uppercase_prefix": f"PK2PC1:orders:host-1:3:5:{TXID}",
+    "other_prefix": f"pk2pc1:orders:host-1:3:5:{TXID}",
+    "prefix_only": "pk2pc2",
+    "prefix_colon": "pk2pc2:",
+    "uppercase_prefix": f"PK2PC2:orders:host-1:3:5:7:{LOG}:{TXID}",
     "foreign_app": "my-app-transaction-1",
     "psycopg_xa": "42_Z3RyaWQ=_YnF1YWw=",
     "psycopg_xa_real": "1_Z3RyaWQ=_YnF1YWw=",
-    "extra_field": f"pk2pc1:orders:host-1:3:5:{TXID}:extra",
-    "missing_field": f"pk2pc1:orders:3:5:{TXID}",
-    "colon_injection_name": f"pk2pc1:ord:ers:host-1:3:5:{TXID}",
-    "colon_injection_instance": f"pk2pc1:orders:host:1:3:5:{TXID}",
-    "empty_name": f"pk2pc1::host-1:3:5:{TXID}",
-    "empty_instance": f"pk2pc1:orders::3:5:{TXID}",
-    "uppercase_hex": f"pk2pc1:orders:host-1:3:5:{TXID.upper()}",
-    "mixed_case_hex": f"pk2pc1:orders:host-1:3:5:{TXID[:31]}A",
-    "short_txid": f"pk2pc1:orders:host-1:3:5:{TXID[:31]}",
-    "long_txid": f"pk2pc1:orders:host-1:3:5:{TXID}0",
-    "uuid_with_dashes": f"pk2pc1:orders:host-1:3:5:{uuid.UUID(TXID)}",
-    "leading_zero_slot": f"pk2pc1:orders:host-1:03:5:{TXID}",
-    "leading_zero_partition": f"pk2pc1:orders:host-1:3:05:{TXID}",
-    "double_zero": f"pk2pc1:orders:host-1:00:5:{TXID}",
-    "negative_slot": f"pk2pc1:orders:host-1:-3:5:{TXID}",
-    "plus_slot": f"pk2pc1:orders:host-1:+3:5:{TXID}",
-    "slot_too_big": f"pk2pc1:orders:host-1:10000:5:{TXID}",
-    "partition_too_big": f"pk2pc1:orders:host-1:3:100000:{TXID}",
-    "unicode_digit_slot": f"pk2pc1:orders:host-1:\u0663:5:{TXID}",
-    "fullwidth_digit": f"pk2pc1:orders:host-1:\uff13:5:{TXID}",
-    "unicode_name": f"pk2pc1:ordérs:host-1:3:5:{TXID}",
-    "unicode_hex": f"pk2pc1:orders:host-1:3:5:{TXID[:31]}\u0663",
-    "name_starts_with_dot": f"pk2pc1:.orders:host-1:3:5:{TXID}",
-    "name_too_long": f"pk2pc1:{'n' * 49}:host-1:3:5:{TXID}",
-    "very_long": "pk2pc1:" + "a" * 10_000,
-    "very_long_valid_shape": f"pk2pc1:{'n' * 48}:{'i' * 48}:3:5:{TXID}" + "0" * 200,
-    "single_quote": f"pk2pc1:orders':host-1:3:5:{TXID}",
-    "sql_injection": f"pk2pc1:orders:host-1:3:5:{TXID}'; DROP TABLE x; --",
-    "double_quote": f'pk2pc1:"orders":host-1:3:5:{TXID}',
-    "backslash": f"pk2pc1:orders\\:host-1:3:5:{TXID}",
+    "extra_field": f"pk2pc2:orders:host-1:3:5:7:{LOG}:{TXID}:extra",
+    "missing_field": f"pk2pc2:orders:3:5:7:{LOG}:{TXID}",
+    "colon_injection_name": f"pk2pc2:ord:ers:host-1:3:5:7:{LOG}:{TXID}",
+    "colon_injection_instance": f"pk2pc2:orders:host:1:3:5:7:{LOG}:{TXID}",
+    "empty_name": f"pk2pc2::host-1:3:5:7:{LOG}:{TXID}",
+    "empty_instance": f"pk2pc2:orders::3:5:7:{LOG}:{TXID}",
+    "uppercase_hex": f"pk2pc2:orders:host-1:3:5:7:{LOG}:{TXID.upper()}",
+    "mixed_case_hex": f"pk2pc2:orders:host-1:3:5:7:{LOG}:{TXID[:31]}A",
+    "short_txid": f"pk2pc2:orders:host-1:3:5:7:{LOG}:{TXID[:31]}",
+    "long_txid": f"pk2pc2:orders:host-1:3:5:7:{LOG}:{TXID}0",
+    "uuid_with_dashes": f"pk2pc2:orders:host-1:3:5:{uuid.UUID(TXID)}",
+    "leading_zero_slot": f"pk2pc2:orders:host-1:03:5:7:{LOG}:{TXID}",
+    "leading_zero_partition": f"pk2pc2:orders:host-1:3:05:7:{LOG}:{TXID}",
+    "double_zero": f"pk2pc2:orders:host-1:00:5:7:{LOG}:{TXID}",
+    "negative_slot": f"pk2pc2:orders:host-1:-3:5:7:{LOG}:{TXID}",
+    "plus_slot": f"pk2pc2:orders:host-1:+3:5:7:{LOG}:{TXID}",
+    "slot_too_big": f"pk2pc2:orders:host-1:10000:5:7:{LOG}:{TXID}",
+    "partition_too_big": f"pk2pc2:orders:host-1:3:100000:7:{LOG}:{TXID}",
+    "unicode_digit_slot": f"pk2pc2:orders:host-1:\u0663:5:7:{LOG}:{TXID}",
+    "fullwidth_digit": f"pk2pc2:orders:host-1:\uff13:5:7:{LOG}:{TXID}",
+    "unicode_name": f"pk2pc2:ordérs:host-1:3:5:7:{LOG}:{TXID}",
+    "unicode_hex": f"pk2pc2:orders:host-1:3:5:7:{LOG}:{TXID[:31]}\u0663",
+    "name_starts_with_dot": f"pk2pc2:.orders:host-1:3:5:7:{LOG}:{TXID}",
+    "name_too_long": f"pk2pc2:{'n' * 49}:host-1:3:5:7:{LOG}:{TXID}",
+    "very_long": "pk2pc2:" + "a" * 10_000,
+    "very_long_valid_shape": f"pk2pc2:{'n' * 48}:{'i' * 48}:3:5:7:{LOG}:{TXID}" + "0" * 200,
+    "single_quote": f"pk2pc2:orders':host-1:3:5:7:{LOG}:{TXID}",
+    "sql_injection": f"pk2pc2:orders:host-1:3:5:7:{LOG}:{TXID}'; DROP TABLE x; --",
+    "double_quote": f'pk2pc2:"orders":host-1:3:5:7:{LOG}:{TXID}',
+    "backslash": f"pk2pc2:orders\\:host-1:3:5:7:{LOG}:{TXID}",
     "trailing_newline": GOOD + "\n",
     "leading_newline": "\n" + GOOD,
-    "embedded_newline": f"pk2pc1:orders\n:host-1:3:5:{TXID}",
+    "embedded_newline": f"pk2pc2:orders\n:host-1:3:5:7:{LOG}:{TXID}",
     "trailing_space": GOOD + " ",
     "leading_space": " " + GOOD,
     "nul": GOOD + "\x00",
-    "tab": f"pk2pc1:orders\t:host-1:3:5:{TXID}",
-    "surrogate": f"pk2pc1:orders\udcff:host-1:3:5:{TXID}",
+    "tab": f"pk2pc2:orders\t:host-1:3:5:7:{LOG}:{TXID}",
+    "missing_log": f"pk2pc2:orders:host-1:3:5:7:{TXID}",
+    "missing_floor": f"pk2pc2:orders:host-1:3:5:{LOG}:{TXID}",
+    "leading_zero_floor": f"pk2pc2:orders:host-1:3:5:07:{LOG}:{TXID}",
+    "negative_floor": f"pk2pc2:orders:host-1:3:5:-7:{LOG}:{TXID}",
+    "floor_too_long": f"pk2pc2:orders:host-1:3:5:{'9' * 20}:{LOG}:{TXID}",
+    "uppercase_log": f"pk2pc2:orders:host-1:3:5:7:{LOG.upper()}:{TXID}",
+    "short_log": f"pk2pc2:orders:host-1:3:5:7:{LOG[:-1]}:{TXID}",
+    "surrogate": f"pk2pc2:orders\udcff:host-1:3:5:7:{LOG}:{TXID}",
 }
 
 
@@ -172,7 +186,7 @@ def test_parse_rejects_foreign_gids(text: str) -> None:
         parse(text)
 
 
-@pytest.mark.parametrize("value", [None, 42, b"pk2pc1:orders:host-1:3:5:" + TXID.encode()])
+@pytest.mark.parametrize("value", [None, 42, GOOD.encode()])
 def test_parse_rejects_non_strings(value: object) -> None:
     with pytest.raises(InvalidGid):
         parse(value)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from coordinator import _group
 from coordinator._kafka import KafkaOutcome, KafkaResult, ProducerPool, ProducerSlot
 from coordinator.config import GroupCommit, RetryPolicy
 from coordinator.decision_log import DecisionRecord
+from tests.fakes import FakeKafka
 
 
 class Recorder:
@@ -25,7 +26,7 @@ class Recorder:
         self.lock = threading.Lock()
 
     def __call__(self, slot: ProducerSlot, messages: Sequence[Any],
-                 decisions: Sequence[DecisionRecord], *args: Any) -> KafkaResult:
+                 decisions: Sequence[DecisionRecord], *args: Any, **kwargs: Any) -> KafkaResult:
         time.sleep(self.delay)
         with self.lock:
             self.batches.append([d.gid for d in decisions])
@@ -35,7 +36,9 @@ class Recorder:
 def make(slots: int, monkeypatch: pytest.MonkeyPatch, recorder: Recorder,
          group: GroupCommit) -> _group.GroupCommitter:
     monkeypatch.setattr(_group, "run_transaction", recorder)
-    pool = ProducerPool([ProducerSlot(i, f"tid-{i}", 0, {}, 1.0) for i in range(slots)])
+    kafka = FakeKafka()
+    pool = ProducerPool([ProducerSlot(i, f"tid-{i}", 0, {}, 1.0, high_watermark=kafka.hw,
+                                      factory=kafka.factory) for i in range(slots)])
     return _group.GroupCommitter(pool, "decisions", RetryPolicy(), 1.0, group)
 
 

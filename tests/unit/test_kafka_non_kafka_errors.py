@@ -18,36 +18,7 @@ from confluent_kafka import KafkaError, KafkaException
 from coordinator._kafka import KafkaOutcome, ProducerSlot, StagedMessage, run_transaction
 from coordinator.config import RetryPolicy
 from coordinator.decision_log import DecisionRecord
-
-
-class FlushRaises:
-    """Just enough of a transactional producer; ``flush()`` raises ``exc``."""
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-        self.calls: list[str] = []
-
-    def begin_transaction(self) -> None:
-        self.calls.append("begin")
-
-    def produce(self, topic: str, **kwargs: Any) -> None:
-        self.calls.append(f"produce {topic}")
-
-    def flush(self, timeout: float | None = None) -> int:
-        self.calls.append("flush")
-        raise self.exc
-
-    def commit_transaction(self, *args: Any) -> None:
-        self.calls.append("commit")
-
-    def abort_transaction(self, *args: Any) -> None:
-        self.calls.append("abort")
-
-    def purge(self, **kwargs: Any) -> None:
-        self.calls.append("purge")
-
-    def close(self) -> None:
-        self.calls.append("close")
+from tests.fakes import FakeKafka, FakeProducer
 
 
 def _system_error_from_fenced() -> SystemError:
@@ -63,20 +34,22 @@ def _system_error_from_fenced() -> SystemError:
         return err
 
 
-def _run(producer: FlushRaises) -> tuple[ProducerSlot, Any]:
-    slot = ProducerSlot(0, "pk2pc.t:i:0", 0, {"bootstrap.servers": "127.0.0.1:1"}, 1.0)
-    slot._producer = producer  # type: ignore[assignment]
+def _run(exc: BaseException) -> tuple[ProducerSlot, FakeProducer, Any]:
+    kafka = FakeKafka(script=[{"flush_error": exc}])
+    slot = ProducerSlot(0, "pk2pc.t:i:0", 0, {}, 1.0, high_watermark=kafka.hw,
+                        factory=kafka.factory)
+    session = slot.session()
     result = run_transaction(
-        slot, [StagedMessage("orders", b"v")], [DecisionRecord("pk2pc1:t:i:0:0:" + "0" * 32)],
+        slot, [StagedMessage("orders", b"v")], [DecisionRecord("g")],
         "decisions", RetryPolicy(stop=tenacity.stop_after_attempt(1)), 1.0, "test",
+        generation=session.generation,
     )
-    return slot, result
+    return slot, kafka.producers[0], result
 
 
 def test_system_error_before_commit_fails_before_commit() -> None:
     err = _system_error_from_fenced()
-    producer = FlushRaises(err)
-    slot, result = _run(producer)
+    slot, producer, result = _run(err)
     assert result.outcome is KafkaOutcome.FAILED_BEFORE_COMMIT
     assert isinstance(result.error, KafkaException)  # the Kafka error, not the SystemError
     assert result.error is err.__cause__
@@ -86,8 +59,7 @@ def test_system_error_before_commit_fails_before_commit() -> None:
 
 
 def test_other_exception_before_commit_fails_before_commit() -> None:
-    producer = FlushRaises(RuntimeError("something unexpected in the client"))
-    slot, result = _run(producer)
+    slot, producer, result = _run(RuntimeError("something unexpected in the client"))
     assert result.outcome is KafkaOutcome.FAILED_BEFORE_COMMIT
     assert isinstance(result.error, RuntimeError)
     assert "commit" not in producer.calls

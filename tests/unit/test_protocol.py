@@ -151,6 +151,17 @@ def test_commit_action(kind: KafkaErrorKind, retries_left: bool, action: CommitA
     assert commit_action(kind, retries_left) is action
 
 
+@pytest.mark.parametrize("retries_left", [True, False])
+def test_abortable_after_a_retry_is_unknown(retries_left: bool) -> None:
+    # A retried commit_transaction() may have had its EndTxn land on the broker: an
+    # abortable error after that is no proof of an abort.
+    assert commit_action(KafkaErrorKind.ABORTABLE, retries_left, attempts=1) is (
+        CommitAction.ABORT)
+    for attempts in (2, 3, 10):
+        assert commit_action(KafkaErrorKind.ABORTABLE, retries_left, attempts=attempts) is (
+            CommitAction.LEAVE_IN_DOUBT)
+
+
 def test_commit_action_covers_every_kind() -> None:
     for kind, retries_left in itertools.product(KafkaErrorKind, (True, False)):
         assert commit_action(kind, retries_left) in set(CommitAction)
