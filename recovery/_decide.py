@@ -38,7 +38,8 @@ class LogFacts:
     """What recovery learned about one decision log in one run."""
 
     fingerprint: str | None
-    """Of the log actually read; ``None`` when it could not be identified."""
+    """Of the log actually read, once checked; ``None`` when it could not be
+    identified. Nothing in ``found`` counts unless it matches the gid's."""
     unusable: str | None = None
     """Why the log cannot be used at all (topic missing, unreachable, not the
     registered one...)."""
@@ -60,13 +61,15 @@ class LogFacts:
 def decide(t: InDoubt, facts: LogFacts) -> Verdict:
     """The verdict for one in-doubt transaction."""
     gid = t.gid
+    if facts.fingerprint != gid.log:
+        return _remain(facts.unusable or (
+            f"its decision log is {gid.log}, but the log read is {facts.fingerprint}: "
+            "another topic, cluster, or a topic re-created"))
+    if t.text in facts.found:
+        # Final, whatever went wrong afterwards (a decision read is never retracted).
+        return Verdict(VerdictKind.COMMIT, "decision record found in the decision log")
     if facts.unusable is not None:
         return _remain(facts.unusable)
-    if facts.fingerprint != gid.log:
-        return _remain(f"its decision log is {gid.log}, but the log read is "
-                       f"{facts.fingerprint}: another topic, cluster, or a topic re-created")
-    if t.text in facts.found:
-        return Verdict(VerdictKind.COMMIT, "decision record found in the decision log")
     if not facts.fenced:
         return _remain(f"no decision visible yet; would fence {gid.transactional_id} and "
                        "roll back if it stays absent")

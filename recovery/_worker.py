@@ -228,6 +228,7 @@ def _learn(kafka: Mapping[str, Any], cfg: RecoveryConfig, fingerprint: str,
     where = (f"registered as {registered.topic!r} on cluster {registered.cluster_id}"
              if registered else "not registered")
     found: set[str] = set()
+    checked: str | None = None  # the log's fingerprint, once it matched
     try:
         with DecisionReader(kafka, topic, cfg.kafka_timeout) as reader:
             try:
@@ -240,15 +241,18 @@ def _learn(kafka: Mapping[str, Any], cfg: RecoveryConfig, fingerprint: str,
                     f"topic {topic!r} on cluster {dlog.cluster_id} (topic id "
                     f"{dlog.topic_id}) is not its decision log {fingerprint} ({where}): "
                     "wrong topic, wrong cluster, or the topic was deleted and re-created"))
+            checked = dlog.fingerprint
             wanted: dict[int, set[str]] = defaultdict(set)
             for t in group:
                 wanted[t.gid.partition].add(t.text)
             reader.plan(wanted, search_starts(group))
 
             # Pass 1: whatever is readable now, no fence. A visible decision is final.
-            reader.read_until(reader.high_watermarks(), stall=cfg.stall_seconds,
-                              deadline=time.monotonic() + cfg.lso_wait_seconds)
-            found = reader.found()
+            try:
+                reader.read_until(reader.high_watermarks(), stall=cfg.stall_seconds,
+                                  deadline=time.monotonic() + cfg.lso_wait_seconds)
+            finally:
+                found = reader.found()
             absent = [t for t in group if t.text not in found]
             base = LogFacts(dlog.fingerprint, compacted=dlog.compacted,
                             found=frozenset(found))
@@ -262,9 +266,11 @@ def _learn(kafka: Mapping[str, Any], cfg: RecoveryConfig, fingerprint: str,
             timeout_ms = _fence_timeout_ms(kafka, cfg, registered)
             failed = _fence_all(kafka, to_fence, cfg.kafka_timeout, timeout_ms, report)
             end = reader.high_watermarks()
-            reached = reader.read_until(end, stall=cfg.lso_wait_seconds,
-                                        deadline=time.monotonic() + cfg.lso_wait_seconds)
-            found = reader.found()
+            try:
+                reached = reader.read_until(end, stall=cfg.lso_wait_seconds,
+                                            deadline=time.monotonic() + cfg.lso_wait_seconds)
+            finally:
+                found = reader.found()
             return LogFacts(
                 dlog.fingerprint, compacted=dlog.compacted, found=frozenset(found),
                 fenced=True, fence_failed=failed, prefenced=prefenced,
@@ -273,7 +279,7 @@ def _learn(kafka: Mapping[str, Any], cfg: RecoveryConfig, fingerprint: str,
     except KafkaException as exc:
         # Decisions already seen stay valid: commit those, leave the rest in doubt.
         log.error("decision log %s (topic %r): %s", fingerprint, topic, exc)
-        return LogFacts(fingerprint, unusable=f"decision log unreachable: {exc}",
+        return LogFacts(checked, unusable=f"decision log unreachable: {exc}",
                         found=frozenset(found))
 
 

@@ -408,3 +408,37 @@ def test_serialization_failure_at_commit_is_rolled_back(env: Env) -> None:
 def test_clock_check_can_be_configured(env: Env) -> None:
     with pytest.raises(ConfigurationError):
         env.config(max_clock_skew_seconds=-1)
+
+
+# -- 8. recovery liveness ----------------------------------------------------------------
+
+
+def test_fence_uses_the_registered_transaction_timeout(env: Env) -> None:
+    """The fence's transaction.timeout.ms is the coordinator's (registered at start-up),
+    not a constant: a broker refuses a fence whose timeout exceeds its
+    transaction.max.timeout.ms (900000 here), so registering one above it must make
+    the fence fail -- and leave the gid in doubt, never decided."""
+    make_table(env)
+    topic = env.topic()
+
+    def on_step(step: Step, gid: str | None) -> None:
+        if step is Step.AFTER_PREPARE:
+            raise Crash(gid)
+
+    coord = env.coordinator(on_step=on_step, transaction_timeout_ms=5_000)
+    tx = coord.transaction()
+    with pytest.raises(Crash), tx:
+        tx.execute("INSERT INTO ops (op_id) VALUES ('a')")
+        tx.produce(topic, key="a", value=b"a")
+    env.close()
+    gid = tx.gid
+    assert env.execute("SELECT transaction_timeout_ms FROM pk2pc_decision_logs") == [(5_000,)]
+    env.execute("UPDATE pk2pc_decision_logs SET transaction_timeout_ms = 900001")
+    code, report, _ = recover_cli(env)
+    assert code == 1 and report["remaining"] == [gid] and report["rolled_back"] == []
+    assert "fencing" in report["remaining_reasons"][gid]
+    env.execute("UPDATE pk2pc_decision_logs SET transaction_timeout_ms = 5000")
+    code, report, stderr = recover_cli(env)
+    assert code == 0, stderr
+    assert report["rolled_back"] == [gid]
+    assert rows(env) == [] and env.read(topic) == []

@@ -104,3 +104,15 @@ def test_search_starts_at_the_lowest_floor_of_each_partition() -> None:
     ts = [in_doubt(floor=50, partition=1), in_doubt(floor=7, partition=1),
           in_doubt(floor=3, partition=0)]
     assert search_starts(ts) == {1: 7, 0: 3}
+
+
+def test_a_decision_found_before_kafka_failed_is_still_applied() -> None:
+    # One transient failure must not throw away what was already decided.
+    t, other = in_doubt(), in_doubt(slot=1)
+    facts = LogFacts(LOG, unusable="decision log unreachable: _TRANSPORT",
+                     found=frozenset({t.text}))
+    assert decide(t, facts).kind is VerdictKind.COMMIT
+    assert decide(other, facts).kind is VerdictKind.REMAIN
+    # ... but only when the log was identified as the gid's own.
+    assert decide(t, LogFacts(None, unusable="x", found=frozenset({t.text}))).kind is (
+        VerdictKind.REMAIN)
