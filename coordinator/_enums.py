@@ -10,17 +10,20 @@ __all__ = ["Phase", "Status", "Step"]
 class Status(StrEnum):
     """Where a transaction stands in the two-phase protocol.
 
-    The happy path is ``ACTIVE -> PREPARED -> COMMITTING -> DECIDED -> COMMITTED``.
-    ``DECIDED`` means the commit point (the Kafka commit) has passed: the
-    transaction *is* committed, only PostgreSQL's ``COMMIT PREPARED`` is pending.
+    The happy path is ``NOT_STARTED -> ACTIVE -> PREPARED -> COMMITTING ->
+    DECIDED -> COMMITTED``. ``DECIDED`` means the commit point (the Kafka
+    commit) has passed: the transaction *is* committed, only PostgreSQL's
+    ``COMMIT PREPARED`` is pending.
     """
 
+    NOT_STARTED = "not_started"
+    """The ``with`` block has not begun."""
     ACTIVE = "active"
     """The ``with`` block is running; nothing is prepared yet."""
     PREPARED = "prepared"
     """PostgreSQL has prepared the transaction; Kafka not committed yet."""
     COMMITTING = "committing"
-    """The Kafka commit (the commit point) is in flight."""
+    """The Kafka transaction (produce, then the commit point) is in flight."""
     DECIDED = "decided"
     """Kafka committed: the decision is commit; ``COMMIT PREPARED`` pending."""
     COMMITTED = "committed"
@@ -29,10 +32,13 @@ class Status(StrEnum):
     """Neither side is, or will become, visible."""
     IN_DOUBT = "in_doubt"
     """The Kafka commit outcome is unknown; recovery will decide from the log."""
+    DIVERGED = "diverged"
+    """One side committed and the other rolled back: the protocol is built so that
+    this cannot happen (reported with :class:`~coordinator.Diverged`)."""
 
     @property
     def is_final(self) -> bool:
-        return self in (Status.COMMITTED, Status.ROLLED_BACK)
+        return self in (Status.COMMITTED, Status.ROLLED_BACK, Status.DIVERGED)
 
 
 class Phase(StrEnum):

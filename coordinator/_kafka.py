@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -28,7 +27,7 @@ from ._errmap import (
     kafka_error_of,
     kafka_startup_error,
 )
-from ._protocol import CommitAction, KafkaErrorKind, commit_action
+from ._protocol import CommitAction, KafkaErrorKind, KafkaOutcome, commit_action
 from .config import RetryPolicy
 from .decision_log import DecisionRecord
 
@@ -40,6 +39,7 @@ __all__ = [
     "ProducerSlot",
     "Session",
     "StagedMessage",
+    "fence",
     "run_transaction",
 ]
 
@@ -57,17 +57,6 @@ class StagedMessage:
     key: bytes | None = None
     headers: tuple[tuple[str, bytes], ...] = ()
     partition: int | None = None
-
-
-class KafkaOutcome(StrEnum):
-    COMMITTED = "committed"
-    """The commit point has passed."""
-    FAILED_BEFORE_COMMIT = "failed_before_commit"
-    """``commit_transaction()`` was never called: the transaction cannot commit."""
-    ABORTED = "aborted"
-    """The commit failed with an abortable error and the transaction was aborted."""
-    UNKNOWN = "unknown"
-    """The commit may or may not have happened."""
 
 
 @dataclass(slots=True)
@@ -193,6 +182,26 @@ class ProducerSlot:
 
 
 T = TypeVar("T")
+
+
+def fence(transactional_id: str, conf: dict[str, Any], timeout: float,
+          transaction_timeout_ms: int, factory: ProducerFactory = Producer) -> None:
+    """Fence every older producer with ``transactional_id``.
+
+    ``init_transactions()`` bumps the producer epoch: an open transaction of
+    the old producer is aborted, a commit it already started is completed
+    first; afterwards the old producer can neither produce nor commit.
+    ``transaction_timeout_ms`` must be accepted by the brokers
+    (``transaction.max.timeout.ms``): the coordinator's own value is.
+    Retries transient errors for ``timeout`` seconds; raises ``KafkaException``.
+    """
+    producer = factory({"transaction.timeout.ms": transaction_timeout_ms, **conf,
+                        "transactional.id": transactional_id})
+    try:
+        end = time.monotonic() + timeout
+        _until_done(lambda: producer.init_transactions(max(1.0, end - time.monotonic())), end)
+    finally:
+        _close_quietly(producer)
 
 
 def _until_done(call: Callable[[], T], end: float) -> T:
@@ -358,10 +367,9 @@ def _run(
         return KafkaResult(KafkaOutcome.FAILED_BEFORE_COMMIT, cause, detail)
 
     started = time.monotonic()
+    # The retry policy decides when to stop; the protocol decides what is retried.
     retrying = commit_retry.retrying(
-        lambda e: (err := kafka_error_of(e)) is not None
-        and kafka_error_kind(err) is KafkaErrorKind.RETRIABLE
-    )
+        lambda e: commit_action(_kind_of(e), retries_left=True) is CommitAction.RETRY)
     attempts = 0
     try:
         for attempt in retrying:
@@ -371,8 +379,7 @@ def _run(
                     log.warning("gid=%s retrying Kafka commit (attempt %d)", log_id, attempts)
                 producer.commit_transaction(timeout)
     except Exception as exc:
-        err = kafka_error_of(exc)
-        kind = kafka_error_kind(err) if err is not None else KafkaErrorKind.OTHER
+        kind = _kind_of(exc)
         action = commit_action(kind, retries_left=False, attempts=attempts)
         elapsed = time.monotonic() - started
         if action is CommitAction.ABORT:
@@ -388,6 +395,11 @@ def _run(
         log.error("gid=%s Kafka commit succeeded but delivery reports disagree "
                   "(pending=%d, error=%s)", log_id, deliveries.pending, deliveries.error)
     return KafkaResult(KafkaOutcome.COMMITTED, commit_seconds=time.monotonic() - started)
+
+
+def _kind_of(exc: BaseException) -> KafkaErrorKind:
+    err = kafka_error_of(exc)
+    return kafka_error_kind(err) if err is not None else KafkaErrorKind.OTHER
 
 
 def _before_commit_cause(exc: Exception) -> tuple[BaseException | None, str]:

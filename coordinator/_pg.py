@@ -1,12 +1,19 @@
-"""Thin adapter over psycopg: PREPARE, COMMIT/ROLLBACK PREPARED, start-up checks,
-and the idempotency-key table."""
+"""Thin adapter over psycopg: PREPARE, COMMIT/ROLLBACK PREPARED with retries,
+start-up checks, and the idempotency-key table.
+
+psycopg's two-phase API (``tpc_begin``/``tpc_prepare``/``tpc_commit``) is not
+used: the coordinator needs the transaction's xid in the same round trip as
+``PREPARE TRANSACTION`` (to ask PostgreSQL later what became of a gid that is
+gone), checks PREPARE's command tag itself (a failed transaction answers
+``ROLLBACK``), runs pooled connections in autocommit mode with an explicit
+``BEGIN``, and finishes gids from any pooled connection with retries -- all
+simpler with plain SQL than around ``tpc_*``'s own transaction state.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
-from enum import StrEnum
 
 import psycopg
 import psycopg.errors
@@ -14,17 +21,18 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from ._enums import Phase
-from ._errmap import is_connection_error, is_unknown_gid
+from ._errmap import is_connection_error
 from .config import RetryPolicy
 from .errors import (
     AlreadyCommitted,
     IdempotencyKeyBusy,
     PreparedTransactionsDisabled,
 )
+from .prepared import Connection, Finish, advisory_key, finish
 
 __all__ = [
-    "FinishResult",
     "IdempotencyTable",
+    "NotPrepared",
     "check_server",
     "finish_prepared",
     "instance_lock_key",
@@ -32,8 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("coordinator.postgres")
-
-Connection = psycopg.Connection[tuple[object, ...]]
 
 
 def check_server(conn: Connection) -> int:
@@ -77,23 +83,10 @@ def prepare(conn: Connection, gid: str) -> int | None:
     return xid
 
 
-def xact_status(conn: Connection, xid: int) -> str | None:
-    """PostgreSQL's word on transaction ``xid``: ``committed``, ``aborted``,
-    ``in progress`` (a prepared transaction is), or ``None`` when too old to tell."""
-    row = conn.execute("SELECT pg_xact_status(%s::text::xid8)", (str(xid),)).fetchone()
-    return None if row is None or row[0] is None else str(row[0])
-
-
 class NotPrepared(Exception):
     pass
 
 
-
-
-class FinishResult(StrEnum):
-    DONE = "done"
-    GONE = "gone"
-    """The gid no longer exists: someone (an earlier attempt, recovery) finished it."""
 
 
 def finish_prepared(
@@ -103,18 +96,16 @@ def finish_prepared(
     commit: bool,
     retry: RetryPolicy,
     first: Connection | None = None,
-) -> FinishResult:
-    """``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` with retries on lost connections.
+) -> Finish:
+    """``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` with retries on lost connections
+    (and while another session is busy finishing the same gid).
 
     Any session of the same role can finish a prepared transaction, so each
     retry takes a new connection. Raises the last error when retries are spent.
     """
-    stmt = sql.SQL("COMMIT PREPARED {}" if commit else "ROLLBACK PREPARED {}").format(
-        sql.Literal(gid)
-    )
     conns = [first]
 
-    def attempt() -> FinishResult:
+    def attempt() -> Finish:
         conn = conns.pop() if conns else None
         if conn is None or conn.closed:
             conn = connect()
@@ -123,17 +114,15 @@ def finish_prepared(
                 if conn.info.transaction_status != TransactionStatus.IDLE:
                     conn.rollback()
                 conn.autocommit = True
-            conn.execute(stmt)
-            return FinishResult.DONE
-        except psycopg.Error as exc:
-            if is_unknown_gid(exc):
-                return FinishResult.GONE
-            raise
+            result = finish(conn, gid, commit)
+            if result is Finish.BUSY:
+                raise _Busy(gid)
+            return result
         finally:
             if conn is not first:
                 release(conn)
 
-    for a in retry.retrying(is_connection_error):
+    for a in retry.retrying(lambda e: isinstance(e, _Busy) or is_connection_error(e)):
         with a:
             if a.retry_state.attempt_number > 1:
                 log.warning("gid=%s retrying %s (attempt %d)", gid,
@@ -143,10 +132,13 @@ def finish_prepared(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+class _Busy(Exception):
+    """Another session is finishing the gid: retried like a lost connection."""
+
+
 def instance_lock_key(name: str, instance: str) -> int:
-    """A 64-bit advisory-lock key for one coordinator instance."""
-    digest = hashlib.blake2b(f"pk2pc:{name}:{instance}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    """The advisory-lock key of one coordinator instance."""
+    return advisory_key("pk2pc", name, instance)
 
 
 class IdempotencyTable:

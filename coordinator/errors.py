@@ -24,6 +24,8 @@ transaction is rolled back, committed, or undecided until recovery runs.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._enums import Phase
 
 __all__ = [
@@ -51,6 +53,12 @@ class Error(Exception):
         self.message = message
         self.gid = gid
         self.phase = phase
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only constructor arguments break Exception's default pickling;
+        # rebuild from the class, the message and the attributes instead (so errors
+        # cross multiprocessing, process pools and task queues).
+        return (_rebuild, (type(self), self.args, self.__dict__.copy()))
 
     def __str__(self) -> str:
         context = []
@@ -161,3 +169,10 @@ class Diverged(Error):
                  kafka_committed: bool = True):
         super().__init__(message, gid=gid, phase=phase)
         self.kafka_committed = kafka_committed
+
+
+def _rebuild(cls: type[Error], args: tuple[Any, ...], state: dict[str, Any]) -> Error:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err

@@ -5,7 +5,7 @@ in-process with :func:`recover` (any time) and :func:`recover_own` (right
 after a coordinator opened, for that instance's own earlier transactions).
 """
 
-from ._model import InDoubt, RecoveryReport, Remaining, Resolution
+from ._model import InDoubt, RecoveryReport, Remaining
 from ._worker import RecoveryConfig, RecoveryError, recover, recover_own
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "RecoveryError",
     "RecoveryReport",
     "Remaining",
-    "Resolution",
     "recover",
     "recover_own",
 ]

@@ -17,7 +17,8 @@ from typing import Any
 
 import psycopg
 
-from ._postgres import list_in_doubt
+from coordinator.prepared import list_prepared
+
 from ._worker import RecoveryConfig, RecoveryError, recover
 
 __all__ = ["main"]
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _list(args: argparse.Namespace) -> int:
     try:
         with psycopg.connect(args.postgres, autocommit=True, connect_timeout=10) as conn:
-            rows = list_in_doubt(conn, args.name, args.instance)
+            rows = list_prepared(conn, args.name, args.instance)
     except psycopg.Error as exc:
         raise RecoveryError(f"PostgreSQL unreachable: {exc}".strip()) from None
     past = [t for t in rows if t.age_seconds >= args.grace_seconds]

@@ -1,4 +1,4 @@
-"""Kafka side of recovery: fence a transactional.id, read a decision log."""
+"""Kafka side of recovery: read a decision log (fencing is ``coordinator.fencing``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from coordinator.decision_log import (
@@ -20,42 +20,13 @@ from coordinator.decision_log import (
     log_start_offsets,
 )
 
-__all__ = ["DecisionReader", "fence"]
+__all__ = ["DecisionReader"]
 
 log = logging.getLogger("recovery.kafka")
 
 _PRODUCER_ONLY = ("transactional.id", "transaction.timeout.ms", "acks", "linger.ms",
                   "enable.idempotence")
 _OUT_OF_RANGE = frozenset({KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE})
-
-
-def fence(transactional_id: str, conf: Mapping[str, Any], timeout: float,
-          transaction_timeout_ms: int) -> None:
-    """Fence every older producer with ``transactional_id``.
-
-    ``init_transactions()`` bumps the producer epoch: an open transaction of
-    the old producer is aborted, a commit it already started is completed
-    first; afterwards the old producer can neither produce nor commit.
-    ``transaction_timeout_ms`` must be accepted by the brokers
-    (``transaction.max.timeout.ms``): the coordinator's own value is.
-    """
-    producer = Producer({"transaction.timeout.ms": transaction_timeout_ms, **conf,
-                         "transactional.id": transactional_id})
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                producer.init_transactions(max(1.0, deadline - time.monotonic()))
-                return
-            except KafkaException as exc:
-                err = exc.args[0] if exc.args else None
-                if isinstance(err, KafkaError) and err.retriable() and (
-                    time.monotonic() < deadline
-                ):
-                    continue
-                raise
-    finally:
-        producer.close()
 
 
 @dataclass

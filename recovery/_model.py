@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
-from coordinator.gid import Gid
+from coordinator.prepared import PreparedTransaction
 
-__all__ = ["InDoubt", "RecoveryReport", "Remaining", "Resolution"]
-
-
-@dataclass(frozen=True, slots=True)
-class InDoubt:
-    """A prepared transaction of ours, as ``pg_prepared_xacts`` shows it."""
-
-    gid: Gid
-    prepared: datetime
-    owner: str
-    database: str
-    age_seconds: float
-
-    @property
-    def text(self) -> str:
-        return str(self.gid)
+__all__ = ["InDoubt", "RecoveryReport", "Remaining"]
 
 
-class Resolution(StrEnum):
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled_back"
+InDoubt = PreparedTransaction
+"""A prepared transaction of ours, as ``pg_prepared_xacts`` shows it."""
 
 
 @dataclass(frozen=True, slots=True)

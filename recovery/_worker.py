@@ -38,13 +38,15 @@ from confluent_kafka import KafkaException
 
 from coordinator import CoordinatorConfig, Error
 from coordinator.decision_log import DecisionTopic
+from coordinator.fencing import fence
 from coordinator.gid import check_identifier
+from coordinator.prepared import Connection, Finish, finish, list_prepared
 from coordinator.registry import LogRegistry, RegisteredLog
 
 from ._decide import LogFacts, VerdictKind, decide, search_starts
-from ._kafka import DecisionReader, fence
+from ._kafka import DecisionReader
 from ._model import InDoubt, RecoveryReport, Remaining
-from ._postgres import FinishOutcome, finish, list_in_doubt, recovery_lock
+from ._postgres import recovery_lock
 
 if TYPE_CHECKING:
     from coordinator import Coordinator
@@ -53,7 +55,6 @@ __all__ = ["RecoveryConfig", "RecoveryError", "recover", "recover_own"]
 
 log = logging.getLogger("recovery")
 
-Connection = psycopg.Connection[tuple[object, ...]]
 
 
 class RecoveryError(Error):
@@ -122,7 +123,7 @@ def recover(
         raise RecoveryError(f"PostgreSQL unreachable: {exc}".strip()) from None
     try:
         with recovery_lock(conn, name, cfg.lock_wait_seconds) as locked:
-            in_doubt = list_in_doubt(conn, name, cfg.instance)
+            in_doubt = list_prepared(conn, name, cfg.instance)
             if not locked:
                 for t in in_doubt:
                     report.remaining.append(Remaining(t.text, "another recovery worker for "
@@ -159,10 +160,7 @@ def recover_own(coordinator: Coordinator, kafka: Mapping[str, Any],
         prefenced_before=coordinator.started_at,
         prefenced_ids=frozenset(coordinator.transactional_ids),
     )
-    pool = coordinator._pool  # the coordinator's own PostgreSQL (same role)
-    if pool is None:
-        raise RecoveryError("the coordinator is not open")
-    with pool.connection() as conn:
+    with coordinator.connection() as conn:  # the coordinator's own PostgreSQL (same role)
         conn.autocommit = True
         try:
             return recover(conn, kafka, coordinator.name, cfg)
@@ -302,7 +300,7 @@ def _fence_all(kafka: Mapping[str, Any], tids: list[str], timeout: float,
 
     def one(tid: str) -> tuple[str, str | None]:
         try:
-            fence(tid, kafka, timeout, transaction_timeout_ms)
+            fence(tid, dict(kafka), timeout, transaction_timeout_ms)
             return tid, None
         except KafkaException as exc:
             return tid, str(exc)
@@ -368,13 +366,13 @@ def _apply(conn: Connection, postgres: str | Connection, cfg: RecoveryConfig,
         verb = "COMMIT PREPARED" if commit else "ROLLBACK PREPARED"
         reason = ("decision record found in the decision log" if commit
                   else "no decision record after fencing the producer")
-        if outcome == FinishOutcome.DONE.value:
+        if outcome == Finish.DONE.value:
             (report.committed if commit else report.rolled_back).append(gid)
             log.info("gid=%s %s: %s", gid, verb, reason)
-        elif outcome == FinishOutcome.GONE.value:
+        elif outcome == Finish.GONE.value:
             report.skipped.append(gid)
             log.info("gid=%s already resolved by another session; skipped", gid)
-        elif outcome == FinishOutcome.BUSY.value:
+        elif outcome == Finish.BUSY.value:
             report.remaining.append(Remaining(gid, "busy: another session is finishing it"))
             log.warning("gid=%s busy (another session is finishing it)", gid)
         else:

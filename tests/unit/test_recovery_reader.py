@@ -18,7 +18,7 @@ from recovery._worker import _fence_timeout_ms
 
 @pytest.fixture
 def reader() -> DecisionReader:
-    r = DecisionReader({"bootstrap.servers": "127.0.0.1:1"}, "decisions", 1.0)
+    r = DecisionReader({"bootstrap.servers": "127.0.0.1:1", "log_level": 0}, "decisions", 1.0)
     r.plan({0: {"g"}, 1: {"h"}}, {0: 5, 1: 7})
     yield r  # type: ignore[misc]
     r.close()
