@@ -19,11 +19,33 @@
    attempt raised something else than the coordinator's errors, or when the
    second-opinion checker of ``tests/crash/checker.py`` found a problem; 2 when the
    campaign itself could not run or did not complete (a phase timed out).
+
+Fault kinds that attack atomicity through recovery (docs/reliability.md):
+
+* ``pause`` -- workers freeze themselves (SIGSTOP, a detached waker sends SIGCONT after
+  ``--pause-seconds``) at each of the steps ``tests.crash.worker.PAUSE_STEPS``,
+  ``--pauses-per-step`` times each (an ``oversize`` operation right before a pause at
+  ``init_producer`` and half of those at ``after_prepare``, so that the slot's producer is
+  re-created in the paused operation), and the campaign SIGSTOPs random workers at random
+  moments inside attempts for 0.4 s .. storm grace + 3 s; a recovery storm runs throughout.
+* ``recovery-storm`` -- the recovery command with ``--grace-seconds`` =
+  ``--storm-grace-seconds`` (0) back to back against the live coordinators.
+* ``slow-kafka`` -- a storm, and Toxiproxy latency above the storm's grace period on the
+  coordinators' broker connections.
+* ``operator-mistake`` -- between the normal recovery runs, recovery with grace 0 pointed
+  at a wrong decision topic (existing, empty) and at a second Kafka cluster (a second stack
+  instance, ``--second-stack-dir``, ``--second-port-offset``), while workers are killed
+  after their Kafka commit.
+* ``clock-skew`` -- worker w0 runs under libfaketime with its clock ``--skew-seconds``
+  behind, w1 ahead (``faults/faketime_fix.c`` keeps librdkafka and Python's sleeps working
+  under it), and workers are killed after their Kafka commit, so recovery must find
+  decisions written with skewed timestamps.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import math
@@ -46,16 +68,30 @@ PYTHON = sys.executable
 POINTS = ("before_prepare", "after_prepare", "during_commit", "after_commit",
           "during_pg_commit")
 """The protocol steps (the same names as ``tests.crash.worker.POINTS``)."""
+PAUSE_STEPS = ("before_prepare", "after_prepare", "init_producer", "before_commit",
+               "after_commit", "before_pg_commit")
+"""Where armed pauses freeze a worker (``tests.crash.worker.PAUSE_STEPS``)."""
 KILL_KINDS = tuple(f"kill:{p}" for p in POINTS)
+RECOVERY_KINDS = ("pause", "recovery-storm", "slow-kafka", "operator-mistake", "clock-skew")
+"""Faults that attack atomicity through recovery: it acts on transactions that are not
+abandoned (grace 0, paused or slowed coordinators) or with wrong settings."""
 KINDS = ("none", *KILL_KINDS, "kill-random", "kafka-restart", "pg-restart", "net-cut",
-         "net-latency", "mixed")
+         "net-latency", *RECOVERY_KINDS, "mixed")
 GROUPS = {
     "all": KINDS,
     "kill-points": KILL_KINDS,
     "kills": (*KILL_KINDS, "kill-random"),
     "services": ("kafka-restart", "pg-restart"),
     "network": ("net-cut", "net-latency"),
+    "recovery-faults": RECOVERY_KINDS,
 }
+STORM_KINDS = ("pause", "recovery-storm", "slow-kafka", "mixed")
+"""Phases during which the recovery storm runs."""
+PACED_KINDS = ("recovery-storm", "slow-kafka", "operator-mistake", "clock-skew", "mixed")
+"""Phases (besides the environment faults) whose operations are spread over
+``--phase-seconds``."""
+OVERSIZE_LIMIT = 100_000
+"""The business topic's ``max.message.bytes``; an ``oversize`` op sends 2x that."""
 NAME = "faults"
 EXIT_FAILED, EXIT_ERROR = 1, 2
 
@@ -85,6 +121,13 @@ class Settings:
     group_commit: bool = False
     threads: int = 1
     command: str = ""
+    pauses_per_step: int = 5
+    pause_seconds: float = 3.0
+    storm_grace: float = 0.0
+    oversize_rate: float = 0.03
+    skew_seconds: float = 600.0
+    second_stack_dir: str = ""
+    second_port_offset: int = 2000
 
 
 def _parse_faults(text: str) -> list[str]:
@@ -140,6 +183,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jitter-pg-ms", type=float, default=4.0,
                    help="kill:during_pg_commit kills up to this long after COMMIT PREPARED "
                    "was entered (likewise)")
+    p.add_argument("--pauses-per-step", type=int, default=5,
+                   help="pause phase: SIGSTOP a worker at each of the steps before_prepare, "
+                   "after_prepare, init_producer, before_commit, after_commit, "
+                   "before_pg_commit this many times (default 5; 20+ in a full run)")
+    p.add_argument("--pause-seconds", type=float, default=3.0,
+                   help="an armed pause lasts this long to 1.5 times as long (default 3; "
+                   "longer than --storm-grace-seconds plus one recovery run)")
+    p.add_argument("--storm-grace-seconds", type=float, default=0.0,
+                   help="grace period of the recovery storm (default 0) and of the "
+                   "operator-mistake runs' recovery is always 0")
+    p.add_argument("--oversize-rate", type=float, default=0.03,
+                   help="share of operations that send a message over the topic's "
+                   f"max.message.bytes ({OVERSIZE_LIMIT}), in every phase (default 0.03)")
+    p.add_argument("--skew-seconds", type=float, default=600.0,
+                   help="clock-skew: w0's clock is this far behind, w1's this far ahead")
+    p.add_argument("--second-stack-dir", default=str(ROOT / ".stack" / "faults2"),
+                   help="operator-mistake: the second Kafka cluster's stack instance "
+                   "(default .stack/faults2; started only for that fault)")
+    p.add_argument("--second-port-offset", type=int, default=2000,
+                   help="its port offset (default 2000)")
     p.add_argument("--stack-dir", default=str(ROOT / ".stack" / "faults"),
                    help="the campaign's stack instance (default .stack/faults)")
     p.add_argument("--port-offset", type=int, default=1000,
@@ -208,6 +271,94 @@ def stop_stack() -> None:
     stack_ops.stack("down")
 
 
+def _stack_env(stack_dir: str, port_offset: int) -> dict[str, str]:
+    return {**os.environ, "STACK_DIR": stack_dir, "STACK_PORT_OFFSET": str(port_offset)}
+
+
+def start_second_stack(s: Settings) -> str:
+    """The operator-mistake fault's second Kafka cluster: ``scripts/stack up`` (one broker,
+    no Toxiproxy) on its own instance; returns its bootstrap servers."""
+    from tests.plugins.stack import STACK
+
+    env = _stack_env(s.second_stack_dir, s.second_port_offset)
+    say(f"starting a second stack instance for operator-mistake ({s.second_stack_dir}, "
+        f"ports +{s.second_port_offset})")
+    for args in (["up", "--brokers", "1"], ["env"]):
+        done = subprocess.run([str(STACK), *args], capture_output=True, text=True, env=env,
+                              timeout=1800, check=False)
+        if done.returncode != 0:
+            raise CampaignError(f"second stack: scripts/stack {' '.join(args)} failed:\n"
+                                f"{done.stderr[-2000:]}")
+    for line in done.stdout.splitlines():
+        words = shlex.split(line)
+        if len(words) == 2 and words[1].startswith("KAFKA_BOOTSTRAP_SERVERS="):
+            return words[1].split("=", 1)[1]
+    raise CampaignError("second stack: no KAFKA_BOOTSTRAP_SERVERS in `scripts/stack env`")
+
+
+def stop_second_stack(s: Settings) -> None:
+    from tests.plugins.stack import STACK
+
+    done = subprocess.run([str(STACK), "down"], capture_output=True, text=True, timeout=600,
+                          env=_stack_env(s.second_stack_dir, s.second_port_offset),
+                          check=False)
+    if done.returncode != 0:
+        say(f"could not stop the second stack: {done.stderr[-500:]}")
+
+
+FAKETIME_FIX = ROOT / "faults" / "faketime_fix.c"
+
+
+def setup_clock_skew(s: Settings) -> None:
+    """libfaketime (Debian package ``faketime``) and ``faults/faketime_fix.c`` compiled
+    into the campaign's stack folder; installed with apt-get when missing, like
+    ``scripts/stack`` installs its packages."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from stacklib.common import StackError, require_command
+    finally:
+        sys.path.pop(0)
+    try:
+        require_command("faketime", "faketime", "libfaketime (the clock-skew fault)")
+        gcc = require_command("gcc", "gcc", "a C compiler (libfaketime's companion for "
+                              "the clock-skew fault, faults/faketime_fix.c)")
+    except StackError as exc:
+        raise CampaignError(str(exc)) from None
+    if _libfaketime() is None:
+        raise CampaignError("libfaketime.so.1 not found after installing faketime")
+    lib = _faketime_fix(s)
+    if not lib.exists() or lib.stat().st_mtime < FAKETIME_FIX.stat().st_mtime:
+        done = subprocess.run([gcc, "-O2", "-shared", "-fPIC", "-o", str(lib),
+                               str(FAKETIME_FIX), "-ldl"], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            raise CampaignError(f"compiling {FAKETIME_FIX} failed:\n{done.stderr[-2000:]}")
+
+
+def _faketime_fix(s: Settings) -> Path:
+    return Path(s.stack_dir) / "faketime-fix.so"
+
+
+def _libfaketime() -> Path | None:
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    return found[0] if found else None
+
+
+def clock_skew_env(s: Settings) -> dict[str, dict[str, str]]:
+    """w0 ``--skew-seconds`` behind, w1 as far ahead. FAKETIME_DONT_FAKE_MONOTONIC=1: a
+    faked monotonic clock hangs Python's waits (and goes negative on a machine up for less
+    than the skew); faketime-fix.so (first in LD_PRELOAD) keeps librdkafka's C11
+    cnd_timedwait() and Python's monotonic clock_nanosleep() right under libfaketime."""
+    lib = _libfaketime()
+    assert lib is not None
+    preload = f"{_faketime_fix(s)}:{lib}"
+    out = {}
+    for instance, sign in (("w0", "-"), ("w1", "+")):
+        out[instance] = {"LD_PRELOAD": preload, "FAKETIME": f"{sign}{s.skew_seconds:g}s",
+                         "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    return out
+
+
 def heal(s: Settings, toxiproxy_url: str) -> None:
     """Every fault undone: no toxic, every proxy enabled, every service up."""
     from tests.plugins import stack as stack_ops
@@ -257,8 +408,11 @@ def prepare_data(s: Settings, env: dict[str, str], run_id: str) -> tuple[Service
     topic = f"faults.{run_id}.events"
     decision_topic = f"faults.{run_id}.decisions"
     rf = 3 if s.brokers >= 3 else 1
+    config = {"max.message.bytes": str(OVERSIZE_LIMIT)}
+    if rf >= 3:
+        config["min.insync.replicas"] = "2"
     create_topic(services.bootstrap, topic, partitions=3, replication_factor=rf,
-                 config={"min.insync.replicas": "2"} if rf >= 3 else {})
+                 config=config)
     return services, table, topic, decision_topic
 
 
@@ -271,14 +425,22 @@ def make_plans(s: Settings, rng: random.Random) -> list[tuple[str, list[dict[str
     share = max(1, s.ops // len(kinds))
     extra = s.ops - share * len(kinds)
     phases: list[tuple[str, list[dict[str, Any]]]] = []
+    stride = s.workers * s.threads
+    """ops[j] and ops[j - stride] go to the same worker process and thread, in a row."""
     for idx, kind in enumerate(kinds):
         n = share + (1 if idx < extra else 0)
         if kind in KILL_KINDS:
             n = max(n, math.ceil(s.kills_per_point / 0.8) + s.workers)
+        elif kind == "pause":
+            armed = s.pauses_per_step * len(PAUSE_STEPS)
+            n = max(n, math.ceil(armed * 1.6 / 0.75) + 3 * stride)
+        elif kind in ("operator-mistake", "clock-skew"):
+            n = max(n, math.ceil(s.kills_per_point / 0.12 / 0.8) + s.workers)
         ops: list[dict[str, Any]] = []
         for i in range(n):
             r = rng.random()
-            op_kind = "raise" if r < 0.08 else "sql_error" if r < 0.12 else "ok"
+            op_kind = ("raise" if r < 0.08 else "sql_error" if r < 0.12
+                       else "oversize" if r < 0.12 + s.oversize_rate else "ok")
             ops.append({"op": f"p{idx:02d}.{i:05d}", "phase": kind, "kind": op_kind,
                         "idem": rng.random() < 0.5, "crash": None, "kill_delay_us": 0})
         ok = [o for o in ops if o["kind"] == "ok"]
@@ -286,12 +448,63 @@ def make_plans(s: Settings, rng: random.Random) -> list[tuple[str, list[dict[str
             point = kind.split(":", 1)[1]
             for o in rng.sample(ok, min(s.kills_per_point, len(ok))):
                 _arm(o, point, s, rng)
+        elif kind == "pause":
+            _arm_pauses(ops, s, rng, stride)
+        elif kind in ("operator-mistake", "clock-skew"):
+            # Kills after the Kafka commit (and during it): in-doubt transactions whose
+            # decision is in the log, for recovery to find (clock-skew: by the skewed
+            # workers w0 and w1).
+            pool = ok if kind == "operator-mistake" else [
+                o for j, o in enumerate(ops) if o["kind"] == "ok" and j % s.workers < 2]
+            for o in rng.sample(pool, min(len(pool), max(s.kills_per_point,
+                                                         len(pool) // 6))):
+                _arm(o, "after_commit" if rng.random() < 0.75 else "during_commit", s, rng)
         elif kind == "mixed":
             for o in ok:
-                if rng.random() < 0.12:
+                r = rng.random()
+                if r < 0.12:
                     _arm(o, rng.choice(POINTS), s, rng)
+                elif r < 0.18:
+                    o["crash"] = f"pause:{rng.choice(PAUSE_STEPS)}"
+                    o["pause_seconds"] = round(rng.uniform(s.pause_seconds,
+                                                           1.5 * s.pause_seconds), 3)
         phases.append((kind, ops))
     return phases
+
+
+def _arm_pauses(ops: list[dict[str, Any]], s: Settings, rng: random.Random,
+                stride: int) -> None:
+    """``--pauses-per-step`` pauses at each step. Every pause at ``init_producer`` and every
+    other one at ``after_prepare`` follows ``oversize`` operations on the same worker and
+    thread -- as many as the coordinator has producers -- so that the paused operation
+    finds its slot's producer dropped and creates it again: at ``init_producer`` the pause
+    lands in that ``init_transactions()``, at ``after_prepare`` before it."""
+    producers = 1 if s.group_commit else 2
+    reserved: set[int] = set()
+    jobs = [(step, i) for step in PAUSE_STEPS for i in range(s.pauses_per_step)]
+    rng.shuffle(jobs)
+    for step, i in jobs:
+        prefixed = step == "init_producer" or (step == "after_prepare" and i % 2 == 0)
+
+        def fits(j: int, prefixed: bool = prefixed) -> bool:
+            if ops[j]["kind"] != "ok" or j in reserved:
+                return False
+            if not prefixed:
+                return True
+            before = [j - k * stride for k in range(1, producers + 1)]
+            return all(b >= 0 and b not in reserved for b in before)
+
+        candidates = [j for j in range(len(ops)) if fits(j)]
+        if not candidates:
+            break
+        j = rng.choice(candidates)
+        reserved.add(j)
+        ops[j]["crash"] = f"pause:{step}"
+        ops[j]["pause_seconds"] = round(rng.uniform(s.pause_seconds, 1.5 * s.pause_seconds), 3)
+        if prefixed:
+            for k in range(1, producers + 1):
+                ops[j - k * stride]["kind"] = "oversize"
+                reserved.add(j - k * stride)
 
 
 def _arm(op: dict[str, Any], point: str, s: Settings, rng: random.Random) -> None:
@@ -347,6 +560,14 @@ class Campaign:
         self._recovery_log = (out / "recovery.jsonl").open("a", encoding="utf-8")
         self.resolved: set[str] = set()
         self._pace = 0.0
+        self.storm_grace = s.storm_grace
+        self.stopped: set[int] = set()
+        """Worker pids this process stopped (SIGSTOP) and has not continued yet."""
+        self.wrong_decision_topic: str | None = None
+        self.second_bootstrap: str | None = None
+        self.skew_env: dict[str, dict[str, str]] = {}
+        """instance -> environment that runs it under libfaketime (clock-skew phase)."""
+        self.storm_runs: Counter[str] = Counter()
 
     # -- Lab protocol (injectors) --------------------------------------------------------
 
@@ -389,6 +610,40 @@ class Campaign:
             sl.proc.kill()
             return True
 
+    def pause_worker(self, instance: str, pid: int, seconds: float) -> bool:
+        """SIGSTOP the worker process ``pid`` (if it is still that slot's live process) for
+        ``seconds``, then SIGCONT it."""
+        with self._lock:
+            sl = next((x for x in self.slots if x.instance == instance), None)
+            if sl is None or sl.proc is None or sl.proc.pid != pid or sl.proc.poll() is not None:
+                return False
+            os.kill(pid, signal.SIGSTOP)
+            self.stopped.add(pid)
+        try:
+            time.sleep(seconds)
+        finally:
+            self._continue(pid)
+        return True
+
+    def _continue(self, pid: int) -> None:
+        with self._lock:
+            self.stopped.discard(pid)
+            sl = next((x for x in self.slots if x.proc is not None and x.proc.pid == pid),
+                      None)
+            if sl is not None and sl.proc is not None and sl.proc.poll() is None:
+                os.kill(pid, signal.SIGCONT)
+
+    def continue_all(self) -> None:
+        """SIGCONT every live worker: those this process stopped, and those that stopped
+        themselves at an armed pause (their waker would wake them too)."""
+        with self._lock:
+            procs = [sl.proc for sl in self.slots if sl.proc is not None]
+            self.stopped.clear()
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)
+
     def kill_broker_now(self, broker: int) -> None:
         """``kill -9`` of broker ``broker`` by its pid file (what ``scripts/stack
         kill-kafka`` does, without starting a process first)."""
@@ -417,7 +672,8 @@ class Campaign:
                self.services.proxy_bootstrap, "--name", NAME, "--instance", sl.instance,
                "--topic", self.topic, "--table", self.table, "--decision-topic",
                self.decision_topic, "--messages-per-op", str(self.s.messages_per_op),
-               "--pace", str(self._pace), "--threads", str(self.s.threads)]
+               "--pace", str(self._pace), "--threads", str(self.s.threads),
+               "--oversize-bytes", str(2 * OVERSIZE_LIMIT)]
         if self.s.group_commit:
             # One producer: every transaction of the process in flight together shares
             # its Kafka transaction.
@@ -431,19 +687,21 @@ class Campaign:
             sl.err = sl.stderr.open("ab")
         sl.ready = False
         sl.log_pos = sl.log.stat().st_size if sl.log.exists() else 0
+        env = {**os.environ, **self.skew_env.get(sl.instance, {})}
         sl.proc = subprocess.Popen(self._command(sl), cwd=ROOT, stdin=subprocess.DEVNULL,
-                                   stdout=sl.err, stderr=sl.err)
+                                   stdout=sl.err, stderr=sl.err, env=env)
         sl.starts += 1
 
     def run_phase(self, idx: int, kind: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
-        from .injectors import ENV_KINDS, Injector
+        from .injectors import CYCLES, ENV_KINDS, Injector
 
         s = self.s
         self.phase = kind
         self.faults_per_kind.setdefault(kind, 0)
         pdir = self.out / f"phase-{idx:02d}"
         pdir.mkdir(parents=True, exist_ok=True)
-        env_fault = kind in ENV_KINDS or kind == "mixed"
+        env_fault = kind in ENV_KINDS or kind in PACED_KINDS
+        self.skew_env = clock_skew_env(s) if kind == "clock-skew" else {}
         # Faults come in cycles through the phase: the operations are spread over it.
         self._pace = ((s.phase_seconds * s.workers * s.threads / max(1, len(ops)))
                       if env_fault else 0.0)
@@ -464,7 +722,7 @@ class Campaign:
             self._start(sl)
         stop = threading.Event()
         threads: list[threading.Thread] = []
-        if env_fault:
+        if kind in CYCLES or kind == "mixed":
             rng = random.Random(f"{s.seed}/{idx}/{kind}")
             injector = Injector(self, rng, stop)
             for n in range(2 if kind == "mixed" else 1):
@@ -472,6 +730,16 @@ class Campaign:
                                      name=f"inject-{kind}-{n}")
                 t.start()
                 threads.append(t)
+        if kind in STORM_KINDS:
+            t = threading.Thread(target=self.storm_loop, args=(stop,), daemon=True,
+                                 name="recovery-storm")
+            t.start()
+            threads.append(t)
+        if kind == "operator-mistake":
+            t = threading.Thread(target=self.mistake_loop, args=(stop, idx), daemon=True,
+                                 name="operator-mistakes")
+            t.start()
+            threads.append(t)
         deadline = started + max(300.0, 6 * s.phase_seconds) + 2.0 * len(ops)
         timed_out = False
         try:
@@ -484,7 +752,12 @@ class Campaign:
         finally:
             stop.set()
             for t in threads:
-                t.join(120)
+                t.join(400)
+            self.continue_all()
+            if kind == "clock-skew":
+                self._check_skew(slots)
+            if kind in STORM_KINDS:
+                self.event("storm", runs=self.storm_runs[kind], counts=False)
             for sl in slots:
                 if sl.proc is not None and sl.proc.poll() is None:
                     sl.proc.kill()
@@ -530,14 +803,16 @@ class Campaign:
 
     # -- recovery ----------------------------------------------------------------------
 
-    def recover_once(self, grace: float, kill_after: float | None = None
-                     ) -> tuple[int, dict[str, Any] | None]:
+    def recover_once(self, grace: float, kill_after: float | None = None, *,
+                     bootstrap: str | None = None, decision_topic: str | None = None,
+                     label: str = "normal") -> tuple[int, dict[str, Any] | None]:
         """One run of the recovery command; ``kill_after``: SIGKILL it after that many
-        seconds if it still runs (a fault of its own)."""
+        seconds if it still runs (a fault of its own). ``bootstrap`` and
+        ``decision_topic`` override the right ones (an operator's mistake)."""
         cmd = [PYTHON, "-m", "recovery", "--postgres", self.services.dsn,
-               "--bootstrap-servers", self.services.bootstrap, "--name", NAME,
-               "--decision-topic", self.decision_topic, "--grace-seconds", str(grace),
-               "--json", "--log-level", "WARNING"]
+               "--bootstrap-servers", bootstrap or self.services.bootstrap, "--name", NAME,
+               "--decision-topic", decision_topic or self.decision_topic,
+               "--grace-seconds", str(grace), "--json", "--log-level", "WARNING"]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -547,9 +822,9 @@ class Campaign:
             stdout, stderr = proc.communicate()
             if kill_after:
                 self.event("kill-recovery", after_seconds=round(kill_after, 3))
-                self._log_recovery(-9, None, f"killed after {kill_after:.3f} s")
+                self._log_recovery(-9, None, f"killed after {kill_after:.3f} s", label)
             else:
-                self._log_recovery(-1, None, "timed out after 300 s")
+                self._log_recovery(-1, None, "timed out after 300 s", label)
             return -1, None
         report: dict[str, Any] | None = None
         try:
@@ -560,16 +835,66 @@ class Campaign:
             with self._lock:
                 self.resolved.update(report.get("committed", []))
                 self.resolved.update(report.get("rolled_back", []))
-        self._log_recovery(proc.returncode, report, stderr[-2000:])
+        self._log_recovery(proc.returncode, report, stderr[-2000:], label)
         return proc.returncode, report
 
-    def _log_recovery(self, rc: int, report: dict[str, Any] | None, stderr: str) -> None:
+    def _log_recovery(self, rc: int, report: dict[str, Any] | None, stderr: str,
+                      label: str = "normal") -> None:
         with self._lock:
             self._recovery_log.write(json.dumps({"t": time.time(), "phase": self.phase,
-                                                 "exit": rc, "report": report,
+                                                 "kind": label, "exit": rc,
+                                                 "report": report,
                                                  "stderr": stderr if rc not in (0, 1) else ""})
                                      + "\n")
             self._recovery_log.flush()
+
+    def storm_loop(self, stop: threading.Event) -> None:
+        """The recovery command with the storm's grace period (0), back to back."""
+        phase = self.phase
+        while not stop.is_set():
+            self.recover_once(self.storm_grace, label="storm")
+            self.storm_runs[phase] += 1
+            stop.wait(0.05)
+
+    def mistake_loop(self, stop: threading.Event, idx: int) -> None:
+        """Operator mistakes between the normal runs: recovery (grace 0) with a wrong
+        decision topic -- existing and empty -- or against another Kafka cluster."""
+        rng = random.Random(f"{self.s.seed}/{idx}/mistakes")
+        mistakes = ["wrong-topic", "wrong-cluster"]
+        n = 0
+        while not stop.wait(rng.uniform(0.5, 2.5)):
+            mistake = mistakes[n % 2]
+            n += 1
+            if mistake == "wrong-topic":
+                rc, report = self.recover_once(0.0, decision_topic=self.wrong_decision_topic,
+                                               label=mistake)
+            else:
+                rc, report = self.recover_once(0.0, bootstrap=self.second_bootstrap,
+                                               label=mistake)
+            self.event("operator-mistake", mistake=mistake, exit=rc, report=report)
+
+    def _check_skew(self, slots: list[Slot]) -> None:
+        """Record how far the skewed workers' clocks really were off (their ``start``
+        records carry their time.time() and are written at about the campaign's time)."""
+        for sl in slots:
+            if sl.instance not in self.skew_env:
+                continue
+            try:
+                raw = sl.log.read_text(encoding="utf-8").splitlines()
+            except OSError:
+                continue
+            seen = []
+            for line in raw:
+                with contextlib.suppress(ValueError):
+                    ln = json.loads(line)
+                    if ln.get("event") in ("attempt", "start", "result") and "t" in ln:
+                        seen.append(float(ln["t"]))
+            if seen:
+                # Written up to the end of the phase: about the skew, a little less.
+                self.event("clock-skew", worker=sl.instance, counts=False,
+                           faketime=self.skew_env[sl.instance].get("FAKETIME"),
+                           clock_offset_seen=round(max(seen) - time.time(), 1),
+                           records=len(seen))
 
     def recovery_loop(self, stop: threading.Event) -> None:
         """The recovery command every few seconds, like a CronJob. During the random-kill
@@ -647,7 +972,8 @@ def say(message: str) -> None:
 
 
 def render_table(table: dict[str, dict[str, int]], kinds: list[str],
-                 kill_outcomes: dict[str, Counter[str]], columns: tuple[str, ...]) -> str:
+                 kill_outcomes: dict[str, Counter[str]], columns: tuple[str, ...],
+                 pause_outcomes: dict[str, Counter[str]] | None = None) -> str:
     head = ["fault", *columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     totals = dict.fromkeys(columns, 0)
@@ -666,6 +992,18 @@ def render_table(table: dict[str, dict[str, int]], kinds: list[str],
     for point in POINTS:
         n = kill_outcomes.get(point, Counter())
         lines.append(f"| {point} | {sum(n.values())} | {n['committed']} | {n['rolled back']} |")
+    if pause_outcomes:
+        lines.append("")
+        lines.append("armed pauses (SIGSTOP, all phases), how the paused attempt ended, and "
+                     "how many of its operations have a problem:")
+        lines.append("")
+        lines.append("| step | pauses | committed | rolled back | with a problem |")
+        lines.append("|---|---|---|---|---|")
+        for step in PAUSE_STEPS:
+            n = pause_outcomes.get(step, Counter())
+            total = n["committed"] + n["rolled back"] + n["?"]
+            lines.append(f"| {step} | {total} | {n['committed']} | {n['rolled back']} | "
+                         f"{n['problem']} |")
     return "\n".join(lines)
 
 
@@ -706,6 +1044,14 @@ def fault_totals(events: Path, kills: Counter[str]) -> str:
             cuts[str(ev.get("mode"))] += 1
         elif fault == "net-latency":
             count["latency periods"] += 1
+        elif fault == "pause-random":
+            count["random SIGSTOP of a client"] += 1
+        elif fault == "slow-kafka":
+            count["slow-Kafka periods"] += 1
+        elif fault == "storm":
+            count["storm recovery runs (grace 0)"] += int(ev.get("runs", 0))
+        elif fault == "operator-mistake":
+            count[f"recovery runs with a {ev.get('mistake')}"] += 1
     parts = [f"kill -9 at a protocol step {sum(kills.values())}"]
     parts += [f"{k} {v}" for k, v in count.items() if "network" not in k]
     if count["network cuts"]:
@@ -744,6 +1090,8 @@ def run(s: Settings) -> int:
                 stop_stack()
             except AssertionError as exc:
                 say(f"could not stop the campaign's stack: {exc}")
+            if "operator-mistake" in s.faults:
+                stop_second_stack(s)
         lock.close()
 
 
@@ -751,10 +1099,25 @@ def _run(s: Settings, run_id: str, out: Path, t0: float) -> int:
     from .check import COLUMNS, load_logs, run_check
 
     env = start_stack(s)
+    if "clock-skew" in s.faults:
+        setup_clock_skew(s)
+    second_bootstrap = None
+    if "operator-mistake" in s.faults:
+        second_bootstrap = start_second_stack(s)
     started_stack = time.monotonic() - t0
     services, table, topic, decision_topic = prepare_data(s, env, run_id)
     heal(s, services.toxiproxy_url)
     camp = Campaign(s, services, table, topic, decision_topic, out)
+    if second_bootstrap is not None:
+        from tests.plugins.kafka_helpers import create_topic
+
+        # The mistakes' topics exist and are empty: a decision topic of the right name on
+        # the other cluster, and a wrong name on the right one.
+        camp.second_bootstrap = second_bootstrap
+        camp.wrong_decision_topic = f"{decision_topic}-wrong"
+        create_topic(second_bootstrap, decision_topic, partitions=3, replication_factor=1)
+        create_topic(services.bootstrap, camp.wrong_decision_topic, partitions=3,
+                     replication_factor=3 if s.brokers >= 3 else 1)
     rng = random.Random(s.seed)
     phases = make_plans(s, rng)
     plan = {o["op"]: o for _, ops in phases for o in ops}
@@ -770,6 +1133,7 @@ def _run(s: Settings, run_id: str, out: Path, t0: float) -> int:
         stop_recovery.set()
         recovery_thread.join(400)
     camp.phase = "final-recovery"
+    camp.continue_all()
     heal(s, services.toxiproxy_url)
     # Past transaction.timeout.ms (10 s): open Kafka transactions of killed producers are
     # aborted by the broker; past the grace period: every in-doubt one is recovery's.
@@ -786,7 +1150,8 @@ def _run(s: Settings, run_id: str, out: Path, t0: float) -> int:
         decision_topic=decision_topic, messages_per_op=s.messages_per_op, plan=plan,
         lines=lines, resolved_by_recovery=camp.resolved, faults_per_kind=camp.faults_per_kind,
     )
-    table_text = render_table(result.table, s.faults, result.kill_outcomes, COLUMNS)
+    table_text = render_table(result.table, s.faults, result.kill_outcomes, COLUMNS,
+                              result.pause_outcomes)
     not_attempted = sum(1 for o in plan if o not in result.ops or
                         not result.ops[o].attempts)
     elapsed = time.monotonic() - t0
@@ -866,6 +1231,11 @@ def main(argv: list[str] | None = None) -> int:
         stack_dir=str(Path(args.stack_dir).resolve()), port_offset=args.port_offset,
         keep_stack=args.keep_stack, out=args.out or "", group_commit=args.group_commit,
         threads=args.threads if args.threads is not None else (4 if args.group_commit else 1),
+        pauses_per_step=args.pauses_per_step, pause_seconds=args.pause_seconds,
+        storm_grace=args.storm_grace_seconds, oversize_rate=args.oversize_rate,
+        skew_seconds=args.skew_seconds,
+        second_stack_dir=str(Path(args.second_stack_dir).resolve()),
+        second_port_offset=args.second_port_offset,
     )
     s.command = "scripts/faults " + " ".join(shlex.quote(a) for a in (
         argv if argv is not None else sys.argv[1:]))

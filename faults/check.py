@@ -14,7 +14,12 @@ every attempt of it (an attempt is one coordinated transaction; its row and mess
   retries an operation without a key only after a definite roll-back);
 * **leftover** -- a prepared transaction of the coordinator's name still in PostgreSQL;
 * **lost** -- the client was told committed (``committed``, ``already_committed``,
-  ``CommittedPendingRecovery``) and the operation is not committed.
+  ``CommittedPendingRecovery``) and the operation is not committed (its row absent --
+  whether or not its messages are visible, which is also a divergence).
+
+``oversize`` operations (a message over the topic's ``max.message.bytes``) must be told
+rolled back with nothing visible, like the other deliberate failures. Deliberate pauses
+(``pause`` records of the workers) are counted per step with how the paused attempt ended.
 
 "unknown" answers may go either way, but consistently (the checks above still apply).
 Each problem is counted once per operation, in the table row of the operation's fault
@@ -60,6 +65,7 @@ class OpView:
     attempts: dict[int, AttemptView] = field(default_factory=dict)
     final: str | None = None
     crashes: list[str] = field(default_factory=list)
+    pauses: int = 0
     committed_attempts: list[int] = field(default_factory=list)
     problems: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     by_recovery: bool = False
@@ -82,6 +88,9 @@ class Result:
     """What the attempts were told, over all operations."""
     workload: Counter[str]
     """Operations by kind: deliberate failures, idempotent, retried."""
+    pause_outcomes: dict[str, Counter[str]] = field(default_factory=dict)
+    """step -> outcome of the attempts paused there (committed / rolled back / ?), plus
+    ``problem``: the operation has a problem."""
 
     @property
     def ok(self) -> bool:
@@ -126,6 +135,8 @@ def run_check(
     gid_owner: dict[str, tuple[str, int]] = {}
     kills: Counter[str] = Counter()
     crash_gids: list[tuple[str, str | None]] = []
+    pauses: list[tuple[str, str, int | None]] = []
+    open_attempt: dict[str, int] = {}
     for ln in lines:
         ev, op_id = ln.get("event"), ln.get("op")
         if op_id is None or op_id not in plan:
@@ -133,6 +144,10 @@ def run_check(
         view = ops.setdefault(op_id, OpView(op_id, str(plan[op_id].get("kind", "ok"))))
         if ev == "attempt":
             view.attempts.setdefault(int(ln["attempt"]), AttemptView(int(ln["attempt"])))
+            open_attempt[op_id] = int(ln["attempt"])
+        elif ev == "pause":
+            view.pauses += 1
+            pauses.append((op_id, str(ln.get("step")), open_attempt.get(op_id)))
         elif ev == "gid":
             a = view.attempts.setdefault(int(ln["attempt"]), AttemptView(int(ln["attempt"])))
             a.gid = str(ln["gid"])
@@ -255,7 +270,8 @@ def run_check(
         row["leftovers"] += len(view.problems.get("leftovers", []))
     crashes_per_phase: Counter[str] = Counter()
     for view in ops.values():
-        crashes_per_phase[str(plan.get(view.op, {}).get("phase", "?"))] += len(view.crashes)
+        crashes_per_phase[str(plan.get(view.op, {}).get("phase", "?"))] += (
+            len(view.crashes) + view.pauses)
     for phase in set(faults_per_kind) | set(crashes_per_phase):
         summary.setdefault(phase, dict.fromkeys(COLUMNS, 0))["faults"] = (
             faults_per_kind.get(phase, 0) + crashes_per_phase[phase])
@@ -276,6 +292,17 @@ def run_check(
         else:
             committed = row_count.get(owner, 0) > 0
             kill_outcomes[point]["committed" if committed else "rolled back"] += 1
+
+    pause_outcomes: dict[str, Counter[str]] = defaultdict(Counter)
+    for op_id, step, paused in pauses:
+        if paused is None:
+            outcome = "?"
+        else:
+            outcome = ("committed" if row_count.get((op_id, paused), 0) > 0
+                       else "rolled back")
+        pause_outcomes[step][outcome] += 1
+        if any(ops[op_id].problems.get(c) for c in ("divergences", "duplicates", "lost")):
+            pause_outcomes[step]["problem"] += 1
 
     # Guarantee 4 of docs/guarantees.md: every error is a coordinator.Error that says the
     # outcome. An attempt told "error" got something else (or an Error the workload does
@@ -310,4 +337,4 @@ def run_check(
         workload["idempotency key"] += int(bool(spec.get("idem")))
         workload["retried"] += int(len(view.attempts) > 1)
     return Result(ops, summary, totals, problems, verdict.problems, kills, dict(kill_outcomes),
-                  answers, workload)
+                  answers, workload, dict(pause_outcomes))

@@ -1,5 +1,7 @@
 """The faults: random kills of client processes, Kafka broker kill -9 and restart,
-PostgreSQL immediate stop and restart, network cuts and latency through Toxiproxy.
+PostgreSQL immediate stop and restart, network cuts and latency through Toxiproxy, random
+SIGSTOPs of client processes (``pause``), latency above the recovery storm's grace period
+on the clients' broker connections (``slow-kafka``).
 
 Each fault kind runs in cycles (wait a random moment, inject, wait, heal) until the
 phase's workers are done; every injection is recorded with :meth:`Lab.event`. Most
@@ -24,9 +26,11 @@ from tests.plugins import stack as stack_ops
 
 from .toxiproxy import Toxiproxy
 
-__all__ = ["CUT_MODES", "ENV_KINDS", "Injector", "Lab"]
+__all__ = ["CUT_MODES", "CYCLES", "ENV_KINDS", "Injector", "Lab"]
 
 ENV_KINDS = ("kill-random", "kafka-restart", "pg-restart", "net-cut", "net-latency")
+CYCLES = (*ENV_KINDS, "pause", "slow-kafka")
+"""Fault kinds with an injector loop (``mixed`` picks among them)."""
 CUT_MODES = ("down", "blackhole", "lost-replies", "close", "reset")
 """``down``: the proxy is disabled (connections closed, new ones refused); ``blackhole``:
 no byte passes either way until healed (then the held data flows: a partition that heals);
@@ -41,6 +45,7 @@ class Lab(Protocol):
 
     brokers: int
     toxiproxy: Toxiproxy
+    storm_grace: float
 
     def event(self, fault: str, **detail: object) -> None: ...
 
@@ -49,6 +54,8 @@ class Lab(Protocol):
     def in_attempt(self, instance: str) -> bool: ...
 
     def kill_worker(self, instance: str, pid: int) -> bool: ...
+
+    def pause_worker(self, instance: str, pid: int, seconds: float) -> bool: ...
 
     def kill_broker_now(self, broker: int) -> None: ...
 
@@ -79,10 +86,12 @@ class Injector:
             "pg-restart": self.pg_restart,
             "net-cut": self.net_cut,
             "net-latency": self.net_latency,
+            "pause": self.pause_random,
+            "slow-kafka": self.slow_kafka,
         }
         while not self.stop.is_set():
             if kind == "mixed":
-                pick = self.rng.choices(list(cycles), weights=[4, 1, 1, 3, 2])[0]
+                pick = self.rng.choices(list(cycles), weights=[4, 1, 1, 3, 2, 3, 1])[0]
             else:
                 pick = kind
             cycles[pick]()
@@ -131,6 +140,60 @@ class Injector:
             time.sleep(self.rng.uniform(0.0, 0.05))
         if self.lab.kill_worker(instance, pid):
             self.lab.event("kill-random", worker=instance, pid=pid, after_attempt_began=in_op)
+
+    def pause_random(self) -> None:
+        """SIGSTOP a client process at a random moment -- mostly 0-50 ms after it began an
+        attempt, so that it freezes inside the protocol (with group commit: while other
+        threads of it wait in the group-commit queue) -- for 0.4 s to the recovery storm's
+        grace period + 3 s, then SIGCONT."""
+        if not self._pause(0.3, 2.0):
+            return
+        alive = self.lab.alive_workers()
+        if not alive:
+            return
+        instance, pid = self.rng.choice(alive)
+        in_op = False
+        if self.rng.random() < 0.85:
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and not self.stop.is_set():
+                if self.lab.in_attempt(instance):
+                    in_op = True
+                    break
+                time.sleep(0.002)
+            time.sleep(self.rng.uniform(0.0, 0.05))
+        seconds = self.rng.uniform(0.4, self.lab.storm_grace + 3.0)
+        self.lab.event("pause-random", worker=instance, pid=pid, seconds=round(seconds, 3),
+                       after_attempt_began=in_op)
+        self.lab.pause_worker(instance, pid, seconds)
+
+    def slow_kafka(self) -> None:
+        """Latency on every broker proxy (the clients' connections to Kafka; recovery
+        connects directly) above the recovery storm's grace period: 1-4 s more than it per
+        round trip, for 3-8 s, so that the storm fences and decides while commits crawl."""
+        if not self._pause(0.5, 2.0) or not self.net_lock.acquire(blocking=False):
+            return
+        tp = self.lab.toxiproxy
+        added: list[tuple[str, str]] = []
+        try:
+            proxies = [n for n in tp.names() if n.startswith("kafka-")]
+            latency = int((self.lab.storm_grace + self.rng.uniform(1.0, 4.0)) * 1000)
+            seconds = self.rng.uniform(3.0, 8.0)
+            aimed = self._aim()
+            for proxy in proxies:
+                for stream in ("upstream", "downstream"):
+                    name = f"slow{next(_toxic_ids)}"
+                    tp.add_toxic(proxy, name, "latency", {"latency": latency // 2,
+                                                          "jitter": latency // 10}, stream)
+                    added.append((proxy, name))
+            self.lab.event("slow-kafka", proxies=proxies, latency_ms=latency,
+                           seconds=round(seconds, 2), aimed=aimed)
+            time.sleep(seconds)
+        finally:
+            try:
+                for proxy, name in added:
+                    tp.remove_toxic(proxy, name)
+            finally:
+                self.net_lock.release()
 
     def kafka_restart(self) -> None:
         if not self._pause(1.0, 4.0) or not self.kafka_lock.acquire(blocking=False):

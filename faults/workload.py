@@ -16,7 +16,13 @@ transaction. Kinds of operation:
     the block raises after its writes (the application's own error): told rolled back;
 ``sql_error``
     a statement fails inside the block and the block catches it, so PREPARE answers
-    ROLLBACK: ``RolledBack``, told rolled back.
+    ROLLBACK: ``RolledBack``, told rolled back;
+``oversize``
+    message 0 carries ``--oversize-bytes`` of padding, more than the business topic's
+    ``max.message.bytes``: the broker refuses it (``MSG_SIZE_TOO_LARGE``) after PREPARE,
+    so the coordinator rolls back and drops the slot's producer, which the next
+    transaction on that slot creates again (``init_transactions()``). Told rolled back;
+    nothing may be visible.
 
 ``idem`` operations carry the idempotency key ``op:<op id>`` and are retried by the client,
 as a real client would, after every answer that is not final: ``OutcomeUnknown``,
@@ -27,7 +33,9 @@ operation, ``ServiceUnavailable`` at BEGIN); an ``OutcomeUnknown`` or a kill is 
 them ("unknown").
 
 ``crash`` names a protocol point (``tests.crash.worker.POINTS``): the process SIGKILLs
-itself there during the operation, once. The hooks are those of ``tests/crash/worker.py``
+itself there during the operation, once; or ``pause:<step>``
+(``tests.crash.worker.PAUSE_STEPS``): the process freezes itself there (SIGSTOP) for
+``pause_seconds``, once, and carries on. The hooks are those of ``tests/crash/worker.py``
 (a ``confluent_kafka.Producer`` subclass and wrappers of ``coordinator._pg``); for
 ``during_commit`` and ``during_pg_commit`` the kill comes from another thread
 ``kill_delay_us`` after the real call was entered, so that both "not yet" and "already
@@ -41,6 +49,8 @@ before the next step, so they survive the kill):
 * ``gid`` {op, attempt, gid} right before ``PREPARE TRANSACTION`` (so every prepared
   transaction can be traced to its attempt);
 * ``crash`` {op, point, gid, ...} right before a deliberate kill (``tests.crash.worker``);
+* ``pause`` {op, step, gid, seconds} right before a deliberate SIGSTOP, ``continued``
+  after it;
 * ``result`` {op, attempt, told, error, phase, gid}: what this attempt was told --
   ``committed``, ``already_committed`` (an earlier attempt committed), ``pending``
   (``CommittedPendingRecovery``), ``rolled_back``, ``busy`` (key held by another
@@ -120,7 +130,8 @@ class ThreadState(crash_worker._State):
     operation's thread leads; the PostgreSQL points always fire."""
 
     _FIELDS: ClassVar[dict[str, Any]] = {
-        "op": None, "gid": None, "point": "none", "crash_op": "", "kill_delay_us": 0}
+        "op": None, "gid": None, "point": "none", "crash_op": "", "kill_delay_us": 0,
+        "pause_seconds": 0.0}
 
     def __init__(self, out: Any, point: str, crash_op: str) -> None:
         object.__setattr__(self, "_local", threading.local())
@@ -258,6 +269,7 @@ class Client:
         st.crash_op = op.op
         st.point = armed or "none"
         st.kill_delay_us = int(op.spec.get("kill_delay_us") or 0)
+        st.pause_seconds = float(op.spec.get("pause_seconds") or 0.0)
         self.current = (op.op, number)
         key = f"op:{op.op}" if op.idem else None
         st.emit(event="attempt", op=op.op, attempt=number, key=key, kind=op.kind, armed=armed,
@@ -276,8 +288,10 @@ class Client:
                                    "(%s, %s, %s)").format(sql.Identifier(args.table)),
                            (op.op, number, args.instance))
                 for n in range(args.messages_per_op):
-                    tx.produce(args.topic, key=op.op, value=json.dumps(
-                        {"op": op.op, "n": n, "attempt": number}, sort_keys=True))
+                    body: dict[str, Any] = {"op": op.op, "n": n, "attempt": number}
+                    if op.kind == "oversize" and n == 0:
+                        body["pad"] = "x" * int(args.oversize_bytes)
+                    tx.produce(args.topic, key=op.op, value=json.dumps(body, sort_keys=True))
                 if op.kind == "raise":
                     raise DeliberateFailure(op.op)
                 if op.kind == "sql_error":
@@ -301,6 +315,8 @@ class Client:
             # Raised inside the block (ours, or the driver's): the coordinator rolled back.
             told, error = ("rolled_back" if inside else "error"), exc
         self.current = None
+        if armed is not None and armed.startswith("pause:") and st.point == "none":
+            op.crashed = True  # the pause happened (once per operation)
         st.emit(event="result", op=op.op, attempt=number, told=told,
                 error=None if error is None else type(error).__name__,
                 detail=None if error is None else str(error)[:300],
@@ -393,7 +409,7 @@ def resume(path: Path, plan: list[dict[str, Any]],
         elif ev == "result":
             attempts.setdefault(op, []).append(str(ln["told"]))
             open_attempt.pop(op, None)
-        elif ev == "crash":
+        elif ev in ("crash", "pause"):
             crashed.add(op)
     out: list[OpState] = []
     for spec in plan:
@@ -434,6 +450,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--producers", type=int, default=2)
     p.add_argument("--messages-per-op", type=int, default=2)
     p.add_argument("--transaction-timeout-ms", type=int, default=10_000)
+    p.add_argument("--oversize-bytes", type=int, default=200_000,
+                   help="padding of an oversize operation's message 0")
     p.add_argument("--pace", type=float, default=0.0, help="seconds to wait before each op")
     p.add_argument("--threads", type=int, default=1,
                    help="client threads sharing the coordinator (for group commit)")

@@ -29,6 +29,17 @@ and produces ``--messages-per-op`` messages to ``--topic`` with key ``op_id`` an
 ``none``
     no crash.
 
+Pauses (``PAUSE_STEPS``, armed as ``pause:<step>`` by the fault campaign's workload,
+``faults/workload.py``) freeze the process instead of killing it: it records a ``pause``
+event, starts a detached waker (``sleep N; kill -CONT <pid>``, its own session, so it
+outlives a kill of the worker) and sends itself SIGSTOP; once continued it records
+``continued`` and carries on. Steps: ``before_prepare`` (before ``PREPARE
+TRANSACTION``), ``after_prepare`` (``PREPARE`` returned, before any Kafka work of the
+operation), ``init_producer`` (inside ``init_transactions()`` of a producer being
+created), ``before_commit`` (``commit_transaction()`` entered), ``after_commit`` (it
+returned, before ``COMMIT PREPARED``), ``before_pg_commit`` (``finish_prepared`` entered
+with commit=True).
+
 The crash points are reached by wrapping (no sleeps): a ``confluent_kafka.Producer``
 subclass given as ``CoordinatorConfig.producer_factory``,
 and wrappers around ``coordinator._pg.prepare`` / ``coordinator._pg.finish_prepared``.
@@ -55,6 +66,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -76,8 +88,11 @@ from coordinator import (
 
 POINTS = ("none", "before_prepare", "after_prepare", "during_commit", "after_commit",
           "during_pg_commit", "stop")
+PAUSE_STEPS = ("before_prepare", "after_prepare", "init_producer", "before_commit",
+               "after_commit", "before_pg_commit")
+"""Where an armed ``pause:<step>`` freezes the process (SIGSTOP, woken by SIGCONT)."""
 
-__all__ = ["POINTS", "main"]
+__all__ = ["PAUSE_STEPS", "POINTS", "main"]
 
 
 class _State:
@@ -88,6 +103,7 @@ class _State:
         self.point = point
         self.crash_op = crash_op
         self.kill_delay_us = 0
+        self.pause_seconds = 0.0
         self.op: str | None = None
         self.gid: str | None = None
         self.lock = threading.Lock()
@@ -113,6 +129,28 @@ class _State:
             self.emit(event="continued", op=self.op, gid=self.gid)
             return
         _kill_now()
+
+    def pause(self, step: str) -> None:
+        """When ``pause:<step>`` is armed for the current op: freeze this process for
+        ``pause_seconds`` (SIGSTOP; a detached waker sends SIGCONT), once per arming."""
+        if not self.armed(f"pause:{step}"):
+            return
+        self.point = "none"  # once: the workload sees that the pause happened
+        seconds = max(0.05, float(self.pause_seconds))
+        pid = os.getpid()
+        self.emit(event="pause", op=self.op, step=step, gid=self.gid, pid=pid,
+                  seconds=round(seconds, 3), t=time.time())
+        # The waker: its own session (a kill of this process's group spares it), and no
+        # LD_PRELOAD (a worker under libfaketime must still be woken in real time).
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("LD_PRELOAD", "FAKETIME", "FAKETIME_DONT_FAKE_MONOTONIC")}
+        subprocess.Popen(["/bin/sh", "-c", f"sleep {seconds:.3f}; kill -CONT {pid}"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+                         close_fds=True)
+        os.kill(pid, signal.SIGSTOP)  # returns after SIGCONT
+        self.emit(event="continued", op=self.op, step=step, gid=self.gid, pid=pid,
+                  t=time.time())
 
     def kill_soon(self, point: str, kafka_flushed: bool) -> threading.Event:
         """Record the crash and start a thread that sends SIGKILL once the caller has
@@ -145,9 +183,16 @@ STATE: _State | None = None
 class CrashingProducer(Producer):
     """The coordinator's transactional producer, with crash points around the commit."""
 
+    def init_transactions(self, *args: Any) -> Any:
+        st = STATE
+        if st is not None:
+            st.pause("init_producer")
+        return super().init_transactions(*args)
+
     def commit_transaction(self, *args: Any) -> Any:
         st = STATE
         if st is not None:
+            st.pause("before_commit")
             if st.armed("after_prepare"):
                 st.crash("after_prepare", kafka_flushed=True)
             elif st.armed("stop"):
@@ -155,8 +200,10 @@ class CrashingProducer(Producer):
             elif st.armed("during_commit"):
                 st.kill_soon("during_commit", kafka_flushed=True).set()
         result = super().commit_transaction(*args)
-        if st is not None and st.armed("after_commit"):
-            st.crash("after_commit", kafka_flushed=True)
+        if st is not None:
+            if st.armed("after_commit"):
+                st.crash("after_commit", kafka_flushed=True)
+            st.pause("after_commit")
         return result
 
 
@@ -170,10 +217,15 @@ def _install(state: _State) -> None:
         state.gid = gid
         if state.armed("before_prepare"):
             state.crash("before_prepare", kafka_flushed=False)
-        return real_prepare(conn, gid, *args, **kwargs)
+        state.pause("before_prepare")
+        result = real_prepare(conn, gid, *args, **kwargs)
+        state.pause("after_prepare")
+        return result
 
     def finish_prepared(connect: Callable[[], Any], release: Callable[[Any], None],
                         gid: str, commit: bool, *args: Any, **kwargs: Any) -> Any:
+        if commit:
+            state.pause("before_pg_commit")
         if commit and state.armed("during_pg_commit"):
             state.kill_soon("during_pg_commit", kafka_flushed=True).set()
         return real_finish(connect, release, gid, commit, *args, **kwargs)
