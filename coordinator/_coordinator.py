@@ -39,7 +39,7 @@ from .errors import (
     UsageError,
 )
 from .gid import check_identifier, transactional_id
-from .prepared import Connection
+from .prepared import Connection, list_prepared
 from .registry import LogRegistry
 
 __all__ = ["Coordinator", "Transaction"]
@@ -106,8 +106,13 @@ class Coordinator:
         self._state_lock = threading.Lock()
         self._open = False
         self.started_at: datetime | None = None
-        """PostgreSQL's clock when this coordinator opened, before its producers fenced
-        older producers of this instance (used by ``recovery.recover_own``)."""
+        """PostgreSQL's clock when this coordinator opened."""
+        self.inherited_gids: frozenset[str] = frozenset()
+        """This instance's prepared transactions found at ``open()``, before its
+        producers fenced their previous incarnation: that fence decided them (no
+        producer of theirs can commit any more), so ``recovery.recover_own``
+        resolves them without a grace period or a fence of its own. A set, not a
+        time: no clock is trusted."""
 
     # -- life cycle ---------------------------------------------------------
 
@@ -177,6 +182,11 @@ class Coordinator:
             self._registry.create(conn)
             if cfg.instance_lock:
                 self._take_instance_lock(conn)
+            # After the instance lock (no other live coordinator of this instance) and
+            # before the producers' fence in _open_kafka.
+            self.inherited_gids = frozenset(
+                t.text for t in list_prepared(conn, self.name, self.instance))
+            if cfg.instance_lock:
                 conn = None  # kept for the coordinator's lifetime
         except psycopg.Error as exc:
             raise pg_startup_error(exc) from None

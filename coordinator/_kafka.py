@@ -380,11 +380,10 @@ def _run(
                 producer.commit_transaction(timeout)
     except Exception as exc:
         kind = _kind_of(exc)
-        action = commit_action(kind, retries_left=False, attempts=attempts)
+        assert commit_action(kind, retries_left=False) is CommitAction.LEAVE_IN_DOUBT
         elapsed = time.monotonic() - started
-        if action is CommitAction.ABORT:
-            _abort(slot, producer, timeout, log_id)
-            return KafkaResult(KafkaOutcome.ABORTED, exc, describe(exc), elapsed)
+        log.warning("gid=%s Kafka commit failed after %d attempt(s): %s", log_id, attempts,
+                    describe(exc))
         # Replace the producer: its new epoch fences whatever of this transaction is
         # still in flight (librdkafka has no KIP-890 protection against a late
         # request landing in the next transaction of the same epoch).
@@ -458,7 +457,7 @@ def _abort(slot: ProducerSlot, producer: Producer, timeout: float, log_id: str) 
     """Abort the open transaction, then discard the producer.
 
     Either way the transaction can no longer commit: commit_transaction() was
-    never called (or failed abortably), and a new producer's
+    never called, and a new producer's
     init_transactions() aborts whatever is left.
 
     The producer is discarded even when the abort succeeded: after a failed

@@ -17,7 +17,6 @@ without services.
     PREPARED --the Kafka transaction starts--> COMMITTING
     COMMITTING --failed before commit_transaction()--> ROLLED_BACK
     COMMITTING --Kafka committed (the commit point)--> DECIDED
-    COMMITTING --Kafka aborted--> ROLLED_BACK
     COMMITTING --outcome unknown--> IN_DOUBT  (recovery decides)
     DECIDED --COMMIT PREPARED ok (or the gid committed by another session)--> COMMITTED
     DECIDED / ROLLED_BACK --PostgreSQL ended the other way--> DIVERGED   (must not happen)
@@ -55,7 +54,6 @@ class Event(StrEnum):
     KAFKA_STARTED = "kafka_started"
     FAILED_BEFORE_COMMIT = "failed_before_commit"
     KAFKA_COMMITTED = "kafka_committed"
-    KAFKA_ABORTED = "kafka_aborted"
     KAFKA_OUTCOME_UNKNOWN = "kafka_outcome_unknown"
     PG_COMMITTED = "pg_committed"
     DIVERGED = "diverged"
@@ -72,7 +70,6 @@ _TRANSITIONS: dict[tuple[Status, Event], Status] = {
     (Status.PREPARED, Event.KAFKA_STARTED): Status.COMMITTING,
     (Status.COMMITTING, Event.FAILED_BEFORE_COMMIT): Status.ROLLED_BACK,
     (Status.COMMITTING, Event.KAFKA_COMMITTED): Status.DECIDED,
-    (Status.COMMITTING, Event.KAFKA_ABORTED): Status.ROLLED_BACK,
     (Status.COMMITTING, Event.KAFKA_OUTCOME_UNKNOWN): Status.IN_DOUBT,
     (Status.DECIDED, Event.PG_COMMITTED): Status.COMMITTED,
     (Status.DECIDED, Event.DIVERGED): Status.DIVERGED,
@@ -91,8 +88,6 @@ class KafkaOutcome(StrEnum):
     """The commit point has passed."""
     FAILED_BEFORE_COMMIT = "failed_before_commit"
     """``commit_transaction()`` was never called: the transaction cannot commit."""
-    ABORTED = "aborted"
-    """The commit failed with an abortable error and the transaction was aborted."""
     UNKNOWN = "unknown"
     """The commit may or may not have happened."""
 
@@ -120,8 +115,6 @@ AFTER_KAFKA: dict[KafkaOutcome, AfterKafka] = {
         Event.KAFKA_COMMITTED, Then.COMMIT_PREPARED, None, Phase.PG_COMMIT),
     KafkaOutcome.FAILED_BEFORE_COMMIT: AfterKafka(
         Event.FAILED_BEFORE_COMMIT, Then.ROLLBACK_PREPARED, RolledBack, Phase.PRODUCE),
-    KafkaOutcome.ABORTED: AfterKafka(
-        Event.KAFKA_ABORTED, Then.ROLLBACK_PREPARED, RolledBack, Phase.KAFKA_COMMIT),
     KafkaOutcome.UNKNOWN: AfterKafka(
         Event.KAFKA_OUTCOME_UNKNOWN, Then.LEAVE_PREPARED, OutcomeUnknown, Phase.KAFKA_COMMIT),
 }
@@ -169,25 +162,25 @@ class KafkaErrorKind(StrEnum):
 class CommitAction(StrEnum):
     RETRY = "retry"
     """Call ``commit_transaction()`` again."""
-    ABORT = "abort"
-    """Abort the Kafka transaction, then ``ROLLBACK PREPARED``."""
     LEAVE_IN_DOUBT = "leave_in_doubt"
     """The outcome cannot be known here: leave PostgreSQL prepared for recovery."""
 
 
-def commit_action(kind: KafkaErrorKind, retries_left: bool, attempts: int = 1) -> CommitAction:
-    """What to do when the ``attempts``-th call of ``commit_transaction()`` raised
-    an error of ``kind`` (``retries_left``: the retry policy allows another call).
+def commit_action(kind: KafkaErrorKind, retries_left: bool) -> CommitAction:
+    """What to do when ``commit_transaction()`` raised an error of ``kind``
+    (``retries_left``: the retry policy allows another call).
 
     A retriable error (a time-out included) leaves the commit possibly in
     flight: it is retried, and once the retries are spent the outcome is
-    unknown -- never guessed. An abortable error is a definite abort only on
-    the first attempt: after a retry, an earlier attempt's EndTxn may have
-    reached the broker and committed (librdkafka documents that the commit
-    may have succeeded in that state), so the outcome is unknown.
+    unknown -- never guessed. Every other error is an unknown outcome too,
+    *abortable ones included*: every message was delivered before
+    ``commit_transaction()`` was called, so the error concerns the EndTxn
+    itself, which librdkafka may have sent more than once within one call; an
+    earlier send may have committed on the broker (librdkafka's own comment on
+    that state: "the EndTxn(commit) may have succeeded"). Nor would a
+    successful ``abort_transaction()`` prove otherwise (it may only bump the
+    epoch). Recovery decides from the decision log.
     """
-    if kind is KafkaErrorKind.ABORTABLE:
-        return CommitAction.ABORT if attempts <= 1 else CommitAction.LEAVE_IN_DOUBT
     if kind is KafkaErrorKind.RETRIABLE and retries_left:
         return CommitAction.RETRY
     return CommitAction.LEAVE_IN_DOUBT

@@ -107,6 +107,9 @@ class Transaction:
             raise UsageError("produce() is only allowed inside the transaction's block")
         if not topic:
             raise UsageError("produce() needs a topic")
+        if topic == self._coord.config.decision_topic.name:
+            raise UsageError("produce() to the decision topic is not allowed: only the "
+                             "coordinator writes decisions")
         hdrs: tuple[tuple[str, bytes], ...] = ()
         if headers:
             items = headers.items() if isinstance(headers, Mapping) else headers
@@ -271,12 +274,15 @@ class Transaction:
         except (psycopg.Error, _pg.NotPrepared) as exc:
             self._abandon(Event.PREPARE_FAILED)
             if is_connection_error(exc):
-                # The PREPARE may have happened before the connection broke; no decision
-                # was written, so the only possible outcome is rollback.
-                complete = self._rollback_prepared()
+                # The PREPARE may have happened (or still be running on the server) when
+                # the connection broke; no decision was written, so the only possible
+                # outcome is rollback. "Gone" proves nothing here: a PREPARE still in
+                # progress is not visible yet, and recovery will roll it back.
+                done = self._rollback_prepared() is Finish.DONE
                 raise _rolled_back(f"connection lost at PREPARE ({describe(exc)})",
-                                   Phase.PREPARE, gid=str(gid), complete=complete) from exc
+                                   Phase.PREPARE, gid=str(gid), complete=done) from exc
             if isinstance(exc, _pg.NotPrepared):
+                self._rollback_prepared()  # cannot be prepared; costs nothing to be sure
                 raise RolledBack(str(exc), gid=str(gid), phase=Phase.PREPARE) from None
             raise pg_prepare_error(exc, str(gid)) from exc
         self._protocol.fire(Event.PREPARED)
@@ -288,12 +294,15 @@ class Transaction:
         step = self._protocol.after_kafka(result.outcome)
         if step.then is Then.COMMIT_PREPARED:
             log.debug("gid=%s Kafka committed in %.1f ms", gid, result.commit_seconds * 1e3)
-            self._step(Step.AFTER_KAFKA_COMMIT)
+            try:
+                self._step(Step.AFTER_KAFKA_COMMIT)
+            except Exception as exc:  # committed all the same: say so
+                raise _committed_pending(exc, gid) from exc
             self._finish_commit()
             return
         complete = True
         if step.then is Then.ROLLBACK_PREPARED:
-            complete = self._rollback_prepared()
+            complete = self._rollback_prepared() is not None
             log.warning("gid=%s rolled back: Kafka %s (%s)", gid, step.phase.value,
                         result.detail)
         else:
@@ -302,19 +311,19 @@ class Transaction:
         assert step.error is not None
         raise _after_kafka_error(step.error, result, gid, step.phase, complete) from result.error
 
-    def _rollback_prepared(self) -> bool:
-        """ROLLBACK PREPARED after Kafka did not commit; whether it is done (else
-        recovery will). Raises :class:`Diverged` if the gid turns out to have been
-        committed by someone else."""
+    def _rollback_prepared(self) -> Finish | None:
+        """ROLLBACK PREPARED after Kafka did not commit; ``None`` when it failed
+        (recovery will do it). Raises :class:`Diverged` if the gid turns out to
+        have been committed by someone else."""
         try:
             result = self._finish_prepared(commit=False)
         except Exception as exc:
             log.error("gid=%s ROLLBACK PREPARED failed (%s); recovery will roll it back",
                       self.gid, describe(exc))
-            return False
+            return None
         if result is Finish.GONE and self._fate() == "committed":
             raise self._diverged(kafka_committed=False)
-        return True
+        return result
 
     def _finish_commit(self) -> None:
         try:

@@ -120,6 +120,7 @@ class DecisionLog:
     cleanup_policy: str
     retention_ms: int
     retention_bytes: int
+    unclean_leader_election: bool = False
 
     @property
     def fingerprint(self) -> str:
@@ -155,6 +156,7 @@ def describe_decision_log(admin: AdminClient, topic: str, timeout: float) -> Dec
         cleanup_policy=str(configs["cleanup.policy"].value),
         retention_ms=int(configs["retention.ms"].value),
         retention_bytes=int(configs["retention.bytes"].value),
+        unclean_leader_election=str(configs["unclean.leader.election.enable"].value) == "true",
     )
 
 
@@ -190,6 +192,9 @@ def topic_config_problems(log: DecisionLog, retention_ms: int) -> list[str]:
     if log.retention_bytes != -1:
         problems.append(f"retention.bytes={log.retention_bytes} (must be -1: size-based "
                         "deletion can drop decisions of transactions still in doubt)")
+    if log.unclean_leader_election:
+        problems.append("unclean.leader.election.enable=true (must be false: an unclean "
+                        "election can truncate committed decisions)")
     return problems
 
 

@@ -44,6 +44,7 @@ class LogFacts:
     """Why the log cannot be used at all (topic missing, unreachable, not the
     registered one...)."""
     compacted: bool = False
+    unclean: bool = False
     found: frozenset[str] = frozenset()
     fenced: bool = False
     """The fence-then-read pass ran (not in a dry run, not in pass 1 only)."""
@@ -91,6 +92,9 @@ def decide(t: InDoubt, facts: LogFacts) -> Verdict:
                        "by hand (see docs/operations.md)")
     if facts.compacted:
         return _remain("the decision topic is compacted: a missing record proves nothing")
+    if facts.unclean:
+        return _remain("the decision topic allows unclean leader election: a missing "
+                       "record proves nothing")
     return Verdict(VerdictKind.ROLL_BACK, "no decision record after fencing the producer")
 
 

@@ -30,7 +30,6 @@ from collections import defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -90,11 +89,9 @@ class RecoveryConfig:
     registered one, else the coordinator's default."""
     decision_log_table: str = CoordinatorConfig().decision_log_table
     registry_schema: str | None = None
-    prefenced_before: datetime | None = None
-    prefenced_ids: frozenset[str] = field(default_factory=frozenset)
-    """Transactional ids whose producers were fenced after ``prefenced_before``
-    (a live coordinator's own ``init_transactions()``): no fence needed for
-    their transactions prepared before then."""
+    prefenced: frozenset[str] = field(default_factory=frozenset)
+    """gids whose producers were already fenced (by a live coordinator's own
+    start-up, see ``Coordinator.inherited_gids``): no grace period, no fence."""
 
 
 def recover(
@@ -144,9 +141,10 @@ def recover_own(coordinator: Coordinator, kafka: Mapping[str, Any],
                 config: RecoveryConfig | None = None) -> RecoveryReport:
     """Recover an open coordinator's own earlier transactions at start-up.
 
-    The coordinator's ``open()`` fenced its instance's producers, so its
-    transactions prepared before that need no grace period and no new fence
-    (which would abort the live coordinator's own transactions).
+    The coordinator's ``open()`` listed its instance's prepared transactions and
+    then fenced the instance's producers, so those transactions need no grace
+    period and no new fence (which would abort the live coordinator's own
+    transactions). Its other transactions get the usual rules.
     """
     if coordinator.started_at is None:
         raise RecoveryError("the coordinator is not open")
@@ -157,8 +155,7 @@ def recover_own(coordinator: Coordinator, kafka: Mapping[str, Any],
         instance=coordinator.instance,
         decision_log_table=coordinator.config.decision_log_table,
         registry_schema=coordinator.config.idempotency_schema,
-        prefenced_before=coordinator.started_at,
-        prefenced_ids=frozenset(coordinator.transactional_ids),
+        prefenced=coordinator.inherited_gids,
     )
     with coordinator.connection() as conn:  # the coordinator's own PostgreSQL (same role)
         conn.autocommit = True
@@ -169,8 +166,7 @@ def recover_own(coordinator: Coordinator, kafka: Mapping[str, Any],
 
 
 def _prefenced(t: InDoubt, cfg: RecoveryConfig) -> bool:
-    return (cfg.prefenced_before is not None and t.prepared < cfg.prefenced_before
-            and t.gid.transactional_id in cfg.prefenced_ids)
+    return t.text in cfg.prefenced
 
 
 def _run(conn: Connection, postgres: str | Connection, kafka: Mapping[str, Any],
@@ -253,7 +249,7 @@ def _learn(kafka: Mapping[str, Any], cfg: RecoveryConfig, fingerprint: str,
                 found = reader.found()
             absent = [t for t in group if t.text not in found]
             base = LogFacts(dlog.fingerprint, compacted=dlog.compacted,
-                            found=frozenset(found))
+                            unclean=dlog.unclean_leader_election, found=frozenset(found))
             if not absent or cfg.dry_run:
                 return base
 
@@ -270,7 +266,8 @@ def _learn(kafka: Mapping[str, Any], cfg: RecoveryConfig, fingerprint: str,
             finally:
                 found = reader.found()
             return LogFacts(
-                dlog.fingerprint, compacted=dlog.compacted, found=frozenset(found),
+                dlog.fingerprint, compacted=dlog.compacted,
+                unclean=dlog.unclean_leader_election, found=frozenset(found),
                 fenced=True, fence_failed=failed, prefenced=prefenced,
                 reached=frozenset(reached), log_start=reader.log_starts(),
                 partition_problems=reader.problems())

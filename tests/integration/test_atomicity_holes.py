@@ -442,3 +442,63 @@ def test_fence_uses_the_registered_transaction_timeout(env: Env) -> None:
     assert code == 0, stderr
     assert report["rolled_back"] == [gid]
     assert rows(env) == [] and env.read(topic) == []
+
+
+# -- found in review ---------------------------------------------------------------------
+
+
+def test_recover_own_never_touches_the_live_coordinators_transactions(env: Env) -> None:
+    """recover_own skips grace and fence only for the gids the coordinator found
+    prepared when it opened (a set, not a time: a clock step on the PostgreSQL host
+    cannot make a live transaction look inherited)."""
+    make_table(env)
+    topic = env.topic()
+
+    def crash_after_prepare(step: Step, gid: str | None) -> None:
+        if step is Step.AFTER_PREPARE:
+            raise Crash(gid)
+
+    old = env.coordinator(on_step=crash_after_prepare)
+    tx = old.transaction()
+    with pytest.raises(Crash), tx:
+        tx.execute("INSERT INTO ops (op_id) VALUES ('old')")
+        tx.produce(topic, key="old", value=b"old")
+    env.close()
+    inherited = tx.gid
+
+    hold, held = threading.Event(), threading.Event()
+
+    def pause_after_prepare(step: Step, gid: str | None) -> None:
+        if step is Step.AFTER_PREPARE:
+            held.set()
+            hold.wait(60)
+
+    coord = env.coordinator(on_step=pause_after_prepare)
+    assert coord.inherited_gids == {inherited}
+    live = coord.transaction()
+
+    def run_live() -> None:
+        with live:
+            live.execute("INSERT INTO ops (op_id) VALUES ('live')")
+            live.produce(topic, key="live", value=b"live")
+
+    t = threading.Thread(target=run_live)
+    t.start()
+    assert held.wait(60)
+    report = recovery.recover_own(coord, env.kafka)
+    assert report.rolled_back == [inherited]
+    assert report.waiting == [live.gid] and report.fenced == []
+    hold.set()
+    t.join(60)
+    assert live.status is Status.COMMITTED
+    assert rows(env) == ["live"]
+    assert [r.value for r in env.read(topic)] == [b"live"]
+
+
+def test_the_decision_topic_is_not_a_produce_target(env: Env) -> None:
+    from coordinator import UsageError
+
+    coord = env.coordinator()
+    with pytest.raises(UsageError, match="decision topic"), coord.transaction() as tx:
+        tx.produce(env.decision_topic.name, key="forged", value=b"{}")
+    assert env.decisions() == {}

@@ -222,8 +222,9 @@ def test_decision_topic_created_with_time_retention(env: Env) -> None:
         ({"retention.ms": str(3600 * 1000)}, "retention.ms"),
         ({"retention.bytes": str(1 << 30), "retention.ms": str(30 * 24 * 3600 * 1000)},
          "retention.bytes"),
+        ({"unclean.leader.election.enable": "true"}, "unclean.leader.election.enable"),
     ],
-    ids=["compact", "compact-delete", "short-retention", "size-retention"],
+    ids=["compact", "compact-delete", "short-retention", "size-retention", "unclean"],
 )
 def test_decision_topic_misconfigured(env: Env, config: dict[str, str], complaint: str) -> None:
     name = env.topic(partitions=2, config=config)

@@ -97,7 +97,7 @@ def test_a_member_that_withdraws_does_not_hold_the_batch(monkeypatch: pytest.Mon
 def test_every_member_gets_the_failure_of_the_shared_transaction(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    rec = Recorder(outcome=KafkaOutcome.ABORTED)
+    rec = Recorder(outcome=KafkaOutcome.FAILED_BEFORE_COMMIT)
     committer = make(1, monkeypatch, rec, GroupCommit(max_wait=5.0))
     tickets = [committer.join(1.0) for _ in range(3)]
     results: list[KafkaResult] = []
@@ -114,7 +114,7 @@ def test_every_member_gets_the_failure_of_the_shared_transaction(
     for t in threads:
         t.join(10)
     assert len(rec.batches) == 1 and len(results) == 3
-    assert all(r.outcome is KafkaOutcome.ABORTED for r in results)
+    assert all(r.outcome is KafkaOutcome.FAILED_BEFORE_COMMIT for r in results)
 
 
 def test_max_batch_splits_batches(monkeypatch: pytest.MonkeyPatch) -> None:

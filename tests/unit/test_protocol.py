@@ -33,7 +33,6 @@ ALLOWED: dict[tuple[Status, Event], Status] = {
     (Status.PREPARED, Event.KAFKA_STARTED): Status.COMMITTING,
     (Status.COMMITTING, Event.FAILED_BEFORE_COMMIT): Status.ROLLED_BACK,
     (Status.COMMITTING, Event.KAFKA_COMMITTED): Status.DECIDED,
-    (Status.COMMITTING, Event.KAFKA_ABORTED): Status.ROLLED_BACK,
     (Status.COMMITTING, Event.KAFKA_OUTCOME_UNKNOWN): Status.IN_DOUBT,
     (Status.DECIDED, Event.PG_COMMITTED): Status.COMMITTED,
     (Status.DECIDED, Event.DIVERGED): Status.DIVERGED,
@@ -134,7 +133,6 @@ def test_after_kafka_table(outcome: KafkaOutcome) -> None:
         KafkaOutcome.COMMITTED: (Status.DECIDED, Then.COMMIT_PREPARED, None),
         KafkaOutcome.FAILED_BEFORE_COMMIT: (Status.ROLLED_BACK, Then.ROLLBACK_PREPARED,
                                             RolledBack),
-        KafkaOutcome.ABORTED: (Status.ROLLED_BACK, Then.ROLLBACK_PREPARED, RolledBack),
         KafkaOutcome.UNKNOWN: (Status.IN_DOUBT, Then.LEAVE_PREPARED, OutcomeUnknown),
     }[outcome]
     assert (p.status, step.then, step.error) == expected
@@ -152,8 +150,8 @@ def test_committing_is_observable_while_kafka_runs() -> None:
     [
         (KafkaErrorKind.RETRIABLE, True, CommitAction.RETRY),
         (KafkaErrorKind.RETRIABLE, False, CommitAction.LEAVE_IN_DOUBT),
-        (KafkaErrorKind.ABORTABLE, True, CommitAction.ABORT),
-        (KafkaErrorKind.ABORTABLE, False, CommitAction.ABORT),
+        (KafkaErrorKind.ABORTABLE, True, CommitAction.LEAVE_IN_DOUBT),
+        (KafkaErrorKind.ABORTABLE, False, CommitAction.LEAVE_IN_DOUBT),
         (KafkaErrorKind.FENCED, True, CommitAction.LEAVE_IN_DOUBT),
         (KafkaErrorKind.FENCED, False, CommitAction.LEAVE_IN_DOUBT),
         (KafkaErrorKind.FATAL, True, CommitAction.LEAVE_IN_DOUBT),
@@ -164,17 +162,6 @@ def test_committing_is_observable_while_kafka_runs() -> None:
 )
 def test_commit_action(kind: KafkaErrorKind, retries_left: bool, action: CommitAction) -> None:
     assert commit_action(kind, retries_left) is action
-
-
-@pytest.mark.parametrize("retries_left", [True, False])
-def test_abortable_after_a_retry_is_unknown(retries_left: bool) -> None:
-    # A retried commit_transaction() may have had its EndTxn land on the broker: an
-    # abortable error after that is no proof of an abort.
-    assert commit_action(KafkaErrorKind.ABORTABLE, retries_left, attempts=1) is (
-        CommitAction.ABORT)
-    for attempts in (2, 3, 10):
-        assert commit_action(KafkaErrorKind.ABORTABLE, retries_left, attempts=attempts) is (
-            CommitAction.LEAVE_IN_DOUBT)
 
 
 def test_commit_action_covers_every_kind() -> None:
