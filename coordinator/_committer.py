@@ -13,14 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from ._kafka import (
-    KafkaResult,
-    ProducerPool,
-    ProducerSlot,
-    Session,
-    StagedMessage,
-    run_transaction,
-)
+from ._kafka import KafkaResult, StagedMessage, run_transaction
+from ._producers import ProducerPool, ProducerSlot, Session
 from .config import RetryPolicy
 from .decision_log import DecisionRecord
 

@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from . import _pg
+from . import _postgres
 from ._committer import Committer, PerOperationCommitter
 from ._enums import Phase
 from ._errmap import (
@@ -24,7 +24,7 @@ from ._errmap import (
     kafka_startup_error,
     pg_startup_error,
 )
-from ._kafka import ProducerPool, ProducerSlot
+from ._producers import ProducerPool, ProducerSlot
 from ._transaction import Transaction, _TopicUnusable
 from .config import CoordinatorConfig, default_instance
 from .decision_log import (
@@ -95,7 +95,7 @@ class Coordinator:
         self._producers: ProducerPool | None = None
         self._committer: Committer | None = None
         self._admin: AdminClient | None = None
-        self._idem = _pg.IdempotencyTable(
+        self._idem = _postgres.IdempotencyTable(
             self.config.idempotency_table, self.config.idempotency_schema,
             self.config.idempotency_wait_ms,
         )
@@ -170,7 +170,7 @@ class Coordinator:
             raise pg_startup_error(exc) from None
         try:
             conn.autocommit = True
-            _pg.check_server(conn)
+            _postgres.check_server(conn)
             before = time.time()
             row = conn.execute("SELECT now(), extract(epoch FROM clock_timestamp())::float8"
                                ).fetchone()
@@ -195,7 +195,7 @@ class Coordinator:
                 self._pool.putconn(conn)
 
     def _take_instance_lock(self, conn: Connection) -> None:
-        key = _pg.instance_lock_key(self.name, self.instance)
+        key = _postgres.instance_lock_key(self.name, self.instance)
         row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
         if not row or not row[0]:
             # The caller (_open_postgres) gives the connection back to the pool.
@@ -285,7 +285,7 @@ class Coordinator:
             with contextlib.suppress(psycopg.Error):
                 self._lock_conn.execute(
                     "SELECT pg_advisory_unlock(%s)",
-                    (_pg.instance_lock_key(self.name, self.instance),),
+                    (_postgres.instance_lock_key(self.name, self.instance),),
                 )
             self._pool.putconn(self._lock_conn)
         self._lock_conn = None

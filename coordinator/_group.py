@@ -23,15 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._committer import Ticket
-from ._kafka import (
-    KafkaOutcome,
-    KafkaResult,
-    ProducerPool,
-    ProducerSlot,
-    Session,
-    StagedMessage,
-    run_transaction,
-)
+from ._kafka import KafkaResult, StagedMessage, run_transaction
+from ._producers import ProducerPool, ProducerSlot, Session
+from ._protocol import KafkaOutcome
 from .config import GroupCommit, RetryPolicy
 from .decision_log import DecisionRecord
 

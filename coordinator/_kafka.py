@@ -1,47 +1,30 @@
-"""Thin adapter over confluent-kafka's transactional producer.
+"""Thin adapter over confluent-kafka's transactional producer: one Kafka transaction.
 
-A :class:`ProducerPool` holds a fixed set of :class:`ProducerSlot` objects,
-each with its own stable ``transactional.id``. :func:`run_transaction` runs
-one Kafka transaction (business messages plus decision records) on a slot
-and reports a :class:`KafkaResult`; it never raises for Kafka errors, so the
-coordinator decides what follows from the outcome alone.
+:func:`run_transaction` runs one Kafka transaction (business messages plus
+decision records) on a producer slot (``_producers.py``), with the session a
+transaction took before its PREPARE, and reports a :class:`KafkaResult`; it
+never raises for Kafka errors, so the protocol decides what follows from the
+outcome alone.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from ._errmap import (
-    describe,
-    is_transient,
-    kafka_error_kind,
-    kafka_error_of,
-    kafka_startup_error,
-)
+from ._errmap import describe, kafka_error_kind, kafka_error_of
+from ._producers import ProducerSlot
 from ._protocol import CommitAction, KafkaErrorKind, KafkaOutcome, commit_action
 from .config import RetryPolicy
 from .decision_log import DecisionRecord
 
-__all__ = [
-    "KafkaOutcome",
-    "KafkaResult",
-    "ProducerFactory",
-    "ProducerPool",
-    "ProducerSlot",
-    "Session",
-    "StagedMessage",
-    "fence",
-    "run_transaction",
-]
+__all__ = ["KafkaResult", "StagedMessage", "run_transaction"]
 
 log = logging.getLogger("coordinator.kafka")
 
@@ -65,205 +48,6 @@ class KafkaResult:
     error: BaseException | None = None
     detail: str = ""
     commit_seconds: float = 0.0
-
-
-ProducerFactory = Callable[[dict[str, Any]], Producer]
-"""Makes a transactional producer from its configuration (``confluent_kafka.Producer``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    """One producer session of a slot: what ``init_transactions()`` started.
-
-    A transaction takes the slot's session *before* PREPARE and may commit in
-    Kafka only with that very session (same ``generation``). A session started
-    after PREPARE has an epoch newer than any fence recovery may have run in
-    between, so it must never carry that transaction's commit.
-    """
-
-    generation: int
-    floor: int
-    """An offset of the slot's decision partition observed now: every decision
-    record produced later lands at this offset or beyond."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Live:
-    producer: Producer
-    generation: int
-
-
-class ProducerSlot:
-    """One transactional producer with a stable ``transactional.id``.
-
-    The producer is created (and ``init_transactions()``-ed) by :meth:`session`,
-    which a transaction calls before PREPARE; it is replaced after any failure
-    (:meth:`discard`). ``lock`` serialises a Kafka transaction on the slot and
-    the creation of its next producer, so a new session never starts while a
-    transaction of the old one is in flight.
-    """
-
-    def __init__(
-        self, index: int, transactional_id: str, decision_partition: int,
-        conf: dict[str, Any], timeout: float, *,
-        high_watermark: Callable[[int], int],
-        factory: ProducerFactory = Producer,
-    ) -> None:
-        self.index = index
-        self.transactional_id = transactional_id
-        self.decision_partition = decision_partition
-        self._conf = {**conf, "transactional.id": transactional_id}
-        self._timeout = timeout
-        self._high_watermark = high_watermark
-        self._factory = factory
-        self.lock = threading.Lock()
-        self._live: _Live | None = None
-        self._generations = 0
-        self._floor = 0
-
-    def session(self, deadline: float | None = None) -> Session:
-        """The current session, started now when the slot has no producer.
-
-        ``init_transactions()`` fences any older producer with this
-        transactional.id (aborting its open transaction, or waiting for a
-        commit it already started). Raises ``KafkaException`` when Kafka cannot
-        start a session.
-        """
-        live = self._live
-        if live is None:
-            with self.lock:  # waits for a transaction in flight on the old producer
-                if self._live is None:
-                    self._start(deadline)
-                live = self._live
-                assert live is not None
-        return Session(live.generation, self._floor)
-
-    def _start(self, deadline: float | None) -> None:
-        producer = self._factory(self._conf)
-        end = deadline if deadline is not None else time.monotonic() + 3 * self._timeout
-        try:
-            _until_done(lambda: producer.init_transactions(self._timeout), end)
-            # The floor of this session's transactions: any decision produced from now
-            # on lands at this offset or later.
-            self.advance_floor(_until_done(
-                lambda: self._high_watermark(self.decision_partition), end))
-        except BaseException:
-            _close_quietly(producer)
-            raise
-        self._generations += 1
-        self._live = _Live(producer, self._generations)
-
-    def producer_of(self, generation: int) -> Producer | None:
-        """The producer of session ``generation`` if it is still the slot's
-        current one (call with ``lock`` held), else ``None``."""
-        live = self._live
-        return live.producer if live is not None and live.generation == generation else None
-
-    @property
-    def generation(self) -> int | None:
-        """The current session's generation (``None``: no producer)."""
-        live = self._live
-        return None if live is None else live.generation
-
-    def advance_floor(self, offset: int) -> None:
-        """Record that the decision partition has reached ``offset``."""
-        if offset > self._floor:
-            self._floor = offset
-
-    def discard(self) -> None:
-        """Drop the producer after a failure; the next :meth:`session` makes a new one."""
-        live, self._live = self._live, None
-        if live is not None:
-            _close_quietly(live.producer)
-
-    @property
-    def alive(self) -> bool:
-        return self._live is not None
-
-
-T = TypeVar("T")
-
-
-def fence(transactional_id: str, conf: dict[str, Any], timeout: float,
-          transaction_timeout_ms: int, factory: ProducerFactory = Producer) -> None:
-    """Fence every older producer with ``transactional_id``.
-
-    ``init_transactions()`` bumps the producer epoch: an open transaction of
-    the old producer is aborted, a commit it already started is completed
-    first; afterwards the old producer can neither produce nor commit.
-    ``transaction_timeout_ms`` must be accepted by the brokers
-    (``transaction.max.timeout.ms``): the coordinator's own value is.
-    Retries transient errors for ``timeout`` seconds; raises ``KafkaException``.
-    """
-    producer = factory({"transaction.timeout.ms": transaction_timeout_ms, **conf,
-                        "transactional.id": transactional_id})
-    try:
-        end = time.monotonic() + timeout
-        _until_done(lambda: producer.init_transactions(max(1.0, end - time.monotonic())), end)
-    finally:
-        _close_quietly(producer)
-
-
-def _until_done(call: Callable[[], T], end: float) -> T:
-    """``call()``, again on retriable Kafka errors (a leader moving, a broker
-    restarting) until ``end`` (monotonic)."""
-    while True:
-        try:
-            return call()
-        except KafkaException as exc:
-            err = kafka_error_of(exc)
-            if err is None or not is_transient(err) or time.monotonic() >= end:
-                raise
-            time.sleep(0.05)
-
-
-def _close_quietly(producer: Producer) -> None:
-    """Purge, flush and close a producer; a failing step must neither mask the real
-    error nor skip the steps after it (``close()`` above all)."""
-    steps: tuple[Callable[[], object], ...] = (
-        lambda: producer.purge(in_queue=True, in_flight=True, blocking=False),
-        lambda: producer.flush(0),
-        producer.close,
-    )
-    for step in steps:
-        try:
-            step()
-        except Exception:
-            log.debug("closing a discarded producer: a step failed", exc_info=True)
-
-
-class ProducerPool:
-    """A bounded pool of producer slots; a slot serves one transaction at a time."""
-
-    def __init__(self, slots: Sequence[ProducerSlot]) -> None:
-        self.slots = list(slots)
-        self._free: queue.SimpleQueue[ProducerSlot] = queue.SimpleQueue()
-        for slot in self.slots:
-            self._free.put(slot)
-        self._closed = threading.Event()
-
-    def start(self, deadline: float) -> None:
-        """Create every producer and fence the previous incarnation's ones."""
-        for slot in self.slots:
-            try:
-                slot.session(deadline)
-            except KafkaException as exc:
-                raise kafka_startup_error(
-                    exc, f"init_transactions({slot.transactional_id})"
-                ) from None
-
-    def acquire(self, timeout: float) -> ProducerSlot:
-        try:
-            return self._free.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no transactional producer free within {timeout}s") from None
-
-    def release(self, slot: ProducerSlot) -> None:
-        self._free.put(slot)
-
-    def close(self) -> None:
-        for slot in self.slots:
-            slot.discard()
 
 
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})

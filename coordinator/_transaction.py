@@ -19,7 +19,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
-from . import _pg
+from . import _postgres
 from ._committer import Ticket
 from ._enums import Phase, Status, Step
 from ._errmap import describe, is_connection_error, pg_prepare_error
@@ -270,8 +270,8 @@ class Transaction:
         try:
             if self.idempotency_key is not None:
                 coord._idem.record_gid(conn, self.idempotency_key, str(gid))
-            self._xid = _pg.prepare(conn, str(gid))
-        except (psycopg.Error, _pg.NotPrepared) as exc:
+            self._xid = _postgres.prepare(conn, str(gid))
+        except (psycopg.Error, _postgres.NotPrepared) as exc:
             self._abandon(Event.PREPARE_FAILED)
             if is_connection_error(exc):
                 # The PREPARE may have happened (or still be running on the server) when
@@ -281,7 +281,7 @@ class Transaction:
                 done = self._rollback_prepared() is Finish.DONE
                 raise _rolled_back(f"connection lost at PREPARE ({describe(exc)})",
                                    Phase.PREPARE, gid=str(gid), complete=done) from exc
-            if isinstance(exc, _pg.NotPrepared):
+            if isinstance(exc, _postgres.NotPrepared):
                 self._rollback_prepared()  # cannot be prepared; costs nothing to be sure
                 raise RolledBack(str(exc), gid=str(gid), phase=Phase.PREPARE) from None
             raise pg_prepare_error(exc, str(gid)) from exc
@@ -355,7 +355,7 @@ class Transaction:
         if first is not None and (first.closed or
                                   first.info.transaction_status != TransactionStatus.IDLE):
             first = None
-        return _pg.finish_prepared(
+        return _postgres.finish_prepared(
             lambda: pool.getconn(timeout=self._coord.config.connection_timeout),
             pool.putconn, str(self._gid), commit, self._coord.config.pg_commit_retry, first,
         )

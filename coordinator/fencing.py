@@ -7,6 +7,6 @@ has no decision. Both use this one function.
 
 from __future__ import annotations
 
-from ._kafka import ProducerFactory, fence
+from ._producers import ProducerFactory, fence
 
 __all__ = ["ProducerFactory", "fence"]

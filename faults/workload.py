@@ -36,7 +36,7 @@ them ("unknown").
 itself there during the operation, once; or ``pause:<step>``
 (``tests.crash.worker.PAUSE_STEPS``): the process freezes itself there (SIGSTOP) for
 ``pause_seconds``, once, and carries on. The hooks are those of ``tests/crash/worker.py``
-(a ``confluent_kafka.Producer`` subclass and wrappers of ``coordinator._pg``); for
+(a ``confluent_kafka.Producer`` subclass and wrappers of ``coordinator._postgres``); for
 ``during_commit`` and ``during_pg_commit`` the kill comes from another thread
 ``kill_delay_us`` after the real call was entered, so that both "not yet" and "already
 through" happen.
@@ -86,7 +86,7 @@ from psycopg import sql
 import coordinator._committer
 import coordinator._group
 import coordinator._kafka
-import coordinator._pg
+import coordinator._postgres
 import recovery
 from coordinator import (
     AlreadyCommitted,
@@ -223,7 +223,7 @@ class Client:
         before its PREPARE (so that recovery's work can be traced to attempts)."""
         crash_worker._install(self.state)
         client = self
-        their_prepare = coordinator._pg.prepare
+        their_prepare = coordinator._postgres.prepare
 
         def prepare(conn: Any, gid: str, *args: Any, **kwargs: Any) -> Any:
             if client.current is not None:
@@ -231,7 +231,7 @@ class Client:
                 client.state.emit(event="gid", op=op, attempt=attempt, gid=gid)
             return their_prepare(conn, gid, *args, **kwargs)
 
-        setattr(coordinator._pg, "prepare", prepare)  # noqa: B010 - monkeypatching on purpose
+        setattr(coordinator._postgres, "prepare", prepare)  # noqa: B010 - monkeypatching on purpose
 
         # Count the decision records per Kafka transaction (more than one: a shared
         # group commit), reported every 20 transactions and at the end.

@@ -44,8 +44,8 @@ from coordinator.registry import LogRegistry, RegisteredLog
 
 from ._decide import LogFacts, VerdictKind, decide, search_starts
 from ._kafka import DecisionReader
+from ._lock import recovery_lock
 from ._model import InDoubt, RecoveryReport, Remaining
-from ._postgres import recovery_lock
 
 if TYPE_CHECKING:
     from coordinator import Coordinator

@@ -25,7 +25,7 @@ from typing import Any
 
 import coordinator._committer
 from coordinator import Coordinator
-from coordinator._kafka import KafkaOutcome
+from coordinator._protocol import KafkaOutcome
 
 __all__ = ["MODES", "SimulatedCrash", "crashing", "install", "make_in_doubt"]
 

@@ -42,7 +42,7 @@ with commit=True).
 
 The crash points are reached by wrapping (no sleeps): a ``confluent_kafka.Producer``
 subclass given as ``CoordinatorConfig.producer_factory``,
-and wrappers around ``coordinator._pg.prepare`` / ``coordinator._pg.finish_prepared``.
+and wrappers around ``coordinator._postgres.prepare`` / ``coordinator._postgres.finish_prepared``.
 
 The worker writes one JSON line per event to ``--out`` (default stdout), each flushed
 and fsync-ed before the next step, so they survive the SIGKILL:
@@ -76,7 +76,7 @@ from typing import Any, TextIO
 from confluent_kafka import Producer
 from psycopg import sql
 
-import coordinator._pg
+import coordinator._postgres
 from coordinator import (
     CommittedPendingRecovery,
     Coordinator,
@@ -210,8 +210,8 @@ class CrashingProducer(Producer):
 def _install(state: _State) -> None:
     global STATE
     STATE = state
-    real_prepare = coordinator._pg.prepare
-    real_finish = coordinator._pg.finish_prepared
+    real_prepare = coordinator._postgres.prepare
+    real_finish = coordinator._postgres.finish_prepared
 
     def prepare(conn: Any, gid: str, *args: Any, **kwargs: Any) -> Any:
         state.gid = gid
@@ -230,8 +230,8 @@ def _install(state: _State) -> None:
             state.kill_soon("during_pg_commit", kafka_flushed=True).set()
         return real_finish(connect, release, gid, commit, *args, **kwargs)
 
-    coordinator._pg.prepare = prepare
-    coordinator._pg.finish_prepared = finish_prepared
+    coordinator._postgres.prepare = prepare
+    coordinator._postgres.finish_prepared = finish_prepared
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -87,7 +87,8 @@ class Env:
 
     # -- PostgreSQL side --------------------------------------------------------
 
-    def execute(self, query: str | sql.Composable, params: Any = None) -> list[tuple[Any, ...]]:
+    def execute(self, query: str | sql.SQL | sql.Composed,
+                params: Any = None) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []

@@ -20,7 +20,7 @@ from coordinator import (
     Status,
     UsageError,
 )
-from coordinator import _pg as pg_adapter
+from coordinator import _postgres as pg_adapter
 from coordinator.gid import Gid, parse
 
 if TYPE_CHECKING:

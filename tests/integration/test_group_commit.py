@@ -75,7 +75,7 @@ def test_members_share_one_kafka_transaction(env: Env, orders: str) -> None:
     # Records of one Kafka transaction sit next to each other; separate transactions are
     # separated by a commit marker. So consecutive decision offsets prove sharing.
     offsets = sorted(rec.offset for rec in decisions.values())
-    assert len({parse(g).partition for g in gids}) == 1
+    assert len({parse(str(g)).partition for g in gids}) == 1
     assert any(b - a == 1 for a, b in itertools.pairwise(offsets)), offsets
 
 

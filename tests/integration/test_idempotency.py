@@ -154,7 +154,11 @@ def test_waiter_proceeds_when_holder_rolls_back(env: Env, orders: str) -> None:
             place_order(coord, topic, 1, "order-x", hold=0.5, fail=True)
 
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(lambda: (claimed.set(), failing()))
+        def claim_then_fail() -> None:
+            claimed.set()
+            failing()
+
+        fut = pool.submit(claim_then_fail)
         assert claimed.wait(30)
         time.sleep(0.2)
         second = place_order(coord, topic, 2, "order-x")

@@ -141,7 +141,7 @@ def test_postgres_unreachable_or_rejected(
         params.update(user=f"nobody_{uuid.uuid4().hex[:8]}", password=secret)
     else:
         params.update(dbname=f"nodb_{uuid.uuid4().hex[:8]}", password=secret)
-    dsn = psycopg.conninfo.make_conninfo(**params)
+    dsn = psycopg.conninfo.make_conninfo("", **params)
     coord = Coordinator(dsn, env.kafka, env.name, instance=env.instance,
                         config=env.config(startup_timeout=3.0, connection_timeout=3.0))
     started = time.monotonic()

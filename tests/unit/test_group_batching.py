@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from coordinator import _group
-from coordinator._kafka import KafkaOutcome, KafkaResult, ProducerPool, ProducerSlot
+from coordinator._kafka import KafkaResult
+from coordinator._producers import ProducerPool, ProducerSlot
+from coordinator._protocol import KafkaOutcome
 from coordinator.config import GroupCommit, RetryPolicy
 from coordinator.decision_log import DecisionRecord
 from tests.fakes import FakeKafka

@@ -15,7 +15,9 @@ from typing import Any
 import tenacity
 from confluent_kafka import KafkaError, KafkaException
 
-from coordinator._kafka import KafkaOutcome, ProducerSlot, StagedMessage, run_transaction
+from coordinator._kafka import StagedMessage, run_transaction
+from coordinator._producers import ProducerSlot
+from coordinator._protocol import KafkaOutcome
 from coordinator.config import RetryPolicy
 from coordinator.decision_log import DecisionRecord
 from tests.fakes import FakeKafka, FakeProducer

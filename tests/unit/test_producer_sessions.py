@@ -11,13 +11,9 @@ import tenacity
 from confluent_kafka import KafkaError
 
 from coordinator._group import GroupCommitter
-from coordinator._kafka import (
-    KafkaOutcome,
-    ProducerPool,
-    ProducerSlot,
-    StagedMessage,
-    run_transaction,
-)
+from coordinator._kafka import StagedMessage, run_transaction
+from coordinator._producers import ProducerPool, ProducerSlot
+from coordinator._protocol import KafkaOutcome
 from coordinator.config import GroupCommit, RetryPolicy
 from coordinator.decision_log import DecisionRecord
 from tests.fakes import FakeKafka, kafka_error
@@ -102,7 +98,7 @@ def test_the_slot_gets_a_fresh_producer_after_every_failure() -> None:
     timed_out = kafka_error(KafkaError._TIMED_OUT, retriable=True)
     abortable = kafka_error(KafkaError.INVALID_TXN_STATE, txn_requires_abort=True)
     fenced = kafka_error(KafkaError._FENCED, fatal=True)
-    scripts = [
+    scripts: list[dict[str, Any]] = [
         {"commit_errors": [timed_out] * 5},            # retries spent: unknown
         {"commit_errors": [abortable]},                # unknown
         {"commit_errors": [fenced]},                   # fatal: unknown

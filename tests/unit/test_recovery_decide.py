@@ -84,7 +84,7 @@ def test_prefenced_transactions_need_no_fence_of_their_own() -> None:
 def test_roll_back_needs_every_condition() -> None:
     # Exhaustive over the conditions: only the conjunction of all of them rolls back.
     t = in_doubt()
-    options = {
+    options: dict[str, list[Any]] = {
         "fingerprint": [LOG, "ffffffffffff"],
         "fenced": [True, False],
         "reached": [frozenset({2}), frozenset()],

@@ -4,6 +4,7 @@ transaction.timeout.ms its fence uses."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -17,10 +18,10 @@ from recovery._worker import _fence_timeout_ms
 
 
 @pytest.fixture
-def reader() -> DecisionReader:
+def reader() -> Iterator[DecisionReader]:
     r = DecisionReader({"bootstrap.servers": "127.0.0.1:1", "log_level": 0}, "decisions", 1.0)
     r.plan({0: {"g"}, 1: {"h"}}, {0: 5, 1: 7})
-    yield r  # type: ignore[misc]
+    yield r
     r.close()
 
 
