@@ -14,6 +14,9 @@ call, waiting out commit markers still on their way.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -215,3 +218,16 @@ def orders(env: Env) -> str:
     env.execute("CREATE TABLE orders (id int PRIMARY KEY, total int NOT NULL)")
     return "orders"
 
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test started; continued, killed and reaped at the end."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+        p.wait(30)
+        if p.stdout is not None:
+            p.stdout.close()
