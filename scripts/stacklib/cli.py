@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import kafka, postgres, toxiproxy
+from . import kafka, kafka_install, postgres, toxiproxy
 from .common import (
     STACK_DIR,
     VENV_PYTHON,
@@ -37,8 +37,8 @@ def _all_serving(cluster: kafka.Cluster) -> bool:
 def _install() -> tuple[str, Path]:
     """Everything `up` needs on disk: Debian packages, the Kafka jars, .venv."""
     ensure_venv()
-    java = kafka.ensure_java()
-    libs = kafka.ensure_jars()
+    java = kafka_install.ensure_java()
+    libs = kafka_install.ensure_jars()
     postgres.ensure_installed()
     return java, libs
 
@@ -161,7 +161,7 @@ def cmd_start_kafka(args: argparse.Namespace) -> int:
     with stack_lock():
         cluster = _existing_cluster()
         broker = cluster.broker(args.broker)
-        java, libs = kafka.ensure_java(), kafka.ensure_jars()
+        java, libs = kafka_install.ensure_java(), kafka_install.ensure_jars()
         kafka.start_broker(java, libs, cluster, broker)
         kafka.wait_ready(cluster, [broker])
     return 0

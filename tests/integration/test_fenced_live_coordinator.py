@@ -1,4 +1,4 @@
-"""A live coordinator whose producer was fenced (found by the fault campaign, issue 6).
+"""A live coordinator whose producer was fenced (found by the fault campaign).
 
 Recovery fences the ``transactional.id`` of an in-doubt transaction older than its grace
 period -- which is also the id a live coordinator instance goes on using (the documented

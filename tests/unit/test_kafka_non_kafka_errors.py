@@ -1,5 +1,5 @@
 """``run_transaction`` when the client raises something other than a KafkaException
-before the commit (found by the fault campaign, issue 6; see
+before the commit (found by the fault campaign; see
 ``tests/integration/test_fenced_live_coordinator.py`` for the real case).
 
 confluent-kafka's ``flush()`` raised ``SystemError`` chained to the fatal ``_FENCED``
