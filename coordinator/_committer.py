@@ -10,6 +10,7 @@ the group committer (``_group.py``) shares one among concurrent operations.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -47,12 +48,13 @@ class Committer(Protocol):
 
 
 class _PerOpTicket:
-    def __init__(self, owner: PerOperationCommitter, slot: ProducerSlot) -> None:
+    def __init__(self, owner: PerOperationCommitter, slot: ProducerSlot,
+                 timeout: float) -> None:
         self._owner = owner
         self.slot = slot
         self._done = False
         try:
-            self.session = slot.session()
+            self.session = slot.session(time.monotonic() + timeout)
         except BaseException:
             self.cancel()
             raise
@@ -86,4 +88,6 @@ class PerOperationCommitter:
         self.timeout = timeout
 
     def join(self, timeout: float) -> Ticket:
-        return _PerOpTicket(self, self.pool.acquire(timeout))
+        deadline = time.monotonic() + timeout
+        slot = self.pool.acquire(timeout)
+        return _PerOpTicket(self, slot, max(0.0, deadline - time.monotonic()))

@@ -51,8 +51,6 @@ class Phase(StrEnum):
     PRODUCE = "produce"
     KAFKA_COMMIT = "kafka_commit"
     PG_COMMIT = "pg_commit"
-    ROLLBACK = "rollback"
-    RECOVERY = "recovery"
 
 
 class Step(StrEnum):

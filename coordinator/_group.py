@@ -60,13 +60,13 @@ class _SlotBatcher:
 
 
 class _GroupTicket:
-    def __init__(self, owner: GroupCommitter, batcher: _SlotBatcher) -> None:
+    def __init__(self, owner: GroupCommitter, batcher: _SlotBatcher, timeout: float) -> None:
         self._owner = owner
         self._batcher = batcher
         self.slot = batcher.slot
         self._done = False
         try:
-            self.session: Session = batcher.slot.session()
+            self.session: Session = batcher.slot.session(time.monotonic() + timeout)
         except BaseException:
             self.cancel()
             raise
@@ -110,7 +110,7 @@ class GroupCommitter:
             batcher = min(self._batchers, key=lambda b: b.load)
             with batcher.cond:
                 batcher.outstanding += 1
-        return _GroupTicket(self, batcher)
+        return _GroupTicket(self, batcher, timeout)
 
     def _commit(self, b: _SlotBatcher, me: _Member) -> KafkaResult:
         me.wake.acquire()
