@@ -11,6 +11,7 @@
         assert tx.status is Status.COMMITTED
 """
 
+from ._consume import ConsumerStats
 from ._coordinator import Coordinator, Transaction
 from ._enums import Phase, Status, Step
 from .config import CoordinatorConfig, GroupCommit, RetryPolicy
@@ -24,6 +25,7 @@ from .errors import (
     Error,
     IdempotencyKeyBusy,
     OutcomeUnknown,
+    PoisonMessage,
     PreparedTransactionsDisabled,
     PrepareForbidden,
     RolledBack,
@@ -36,6 +38,7 @@ __all__ = [
     "AlreadyCommitted",
     "CommittedPendingRecovery",
     "ConfigurationError",
+    "ConsumerStats",
     "Coordinator",
     "CoordinatorConfig",
     "DecisionRecord",
@@ -49,6 +52,7 @@ __all__ = [
     "InvalidGid",
     "OutcomeUnknown",
     "Phase",
+    "PoisonMessage",
     "PrepareForbidden",
     "PreparedTransactionsDisabled",
     "RetryPolicy",

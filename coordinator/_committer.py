@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from ._kafka import KafkaResult, StagedMessage, run_transaction
+from ._kafka import ConsumedOffsets, KafkaResult, StagedMessage, run_transaction
 from ._producers import ProducerPool, ProducerSlot, Session
 from .config import RetryPolicy
 from .decision_log import DecisionRecord
@@ -30,7 +30,8 @@ class Ticket(Protocol):
     def session(self) -> Session: ...
 
     def commit(
-        self, messages: Sequence[StagedMessage], decision: DecisionRecord
+        self, messages: Sequence[StagedMessage], decision: DecisionRecord,
+        consumed: ConsumedOffsets | None = None,
     ) -> KafkaResult: ...
 
     def cancel(self) -> None: ...
@@ -59,12 +60,14 @@ class _PerOpTicket:
             self.cancel()
             raise
 
-    def commit(self, messages: Sequence[StagedMessage], decision: DecisionRecord) -> KafkaResult:
+    def commit(self, messages: Sequence[StagedMessage], decision: DecisionRecord,
+               consumed: ConsumedOffsets | None = None) -> KafkaResult:
         try:
             return run_transaction(
                 self.slot, messages, [decision], self._owner.decision_topic,
                 self._owner.commit_retry, self._owner.timeout, decision.gid,
                 generation=self.session.generation,
+                consumed=() if consumed is None else (consumed,),
             )
         finally:
             self.cancel()

@@ -6,18 +6,20 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Self
 
 import psycopg
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, Message
 from confluent_kafka.admin import AdminClient
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from . import _postgres
 from ._committer import Committer, PerOperationCommitter
+from ._consume import ConsumerStats, Handler, run_consumer
+from ._consumed import ConsumedBatch
 from ._enums import Phase
 from ._errmap import (
     describe,
@@ -296,11 +298,54 @@ class Coordinator:
 
     # -- transactions -------------------------------------------------------
 
-    def transaction(self, idempotency_key: str | None = None) -> Transaction:
-        """A new coordinated transaction; use it as a context manager."""
+    def transaction(
+        self,
+        idempotency_key: str | None = None,
+        *,
+        consumer: Consumer | None = None,
+        consumed: Sequence[Message] | None = None,
+    ) -> Transaction:
+        """A new coordinated transaction; use it as a context manager.
+
+        With ``consumer`` and ``consumed`` (messages it delivered), the batch's
+        offsets commit in the same Kafka transaction as the messages and the
+        decision record; if the transaction rolls back, the consumer is rewound to
+        its committed offsets so the batch is delivered again. The consumer must
+        not commit offsets itself (``enable.auto.commit=false``).
+        """
         if idempotency_key is not None and (not idempotency_key or len(idempotency_key) > 512):
             raise UsageError("idempotency_key must be a non-empty string of at most 512 chars")
-        return Transaction(self, idempotency_key)
+        if (consumer is None) != (consumed is None):
+            raise UsageError("consumer= and consumed= go together")
+        batch = None
+        if consumer is not None and consumed is not None:
+            if not consumed:
+                raise UsageError("consumed= is empty: nothing to commit for the consumer")
+            batch = ConsumedBatch.of(consumer, consumed)
+        return Transaction(self, idempotency_key, batch)
+
+    def run_consumer(
+        self,
+        consumer: Consumer,
+        handle: Handler,
+        *,
+        batch_size: int = 500,
+        batch_timeout: float = 0.1,
+        max_attempts: int = 5,
+        dead_letter_topic: str | None = None,
+        stop: threading.Event | None = None,
+    ) -> ConsumerStats:
+        """Consume batches and ``handle(tx, messages)`` each in one coordinated
+        transaction that also commits the batch's offsets, until ``stop`` is set.
+
+        Poison messages are isolated (the batch is split), retried up to
+        ``max_attempts`` times, then written to ``dead_letter_topic`` with their
+        offset committed in the same transaction (without one: ``PoisonMessage``).
+        See ``docs/how-it-works.md`` (the consume path).
+        """
+        return run_consumer(self, consumer, handle, batch_size=batch_size,
+                            batch_timeout=batch_timeout, max_attempts=max_attempts,
+                            dead_letter_topic=dead_letter_topic, stop=stop)
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Connection]:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._committer import Ticket
-from ._kafka import KafkaResult, StagedMessage, run_transaction
+from ._kafka import ConsumedOffsets, KafkaResult, StagedMessage, run_transaction
 from ._producers import ProducerPool, ProducerSlot, Session
 from ._protocol import KafkaOutcome
 from .config import GroupCommit, RetryPolicy
@@ -37,6 +37,7 @@ class _Member:
     messages: Sequence[StagedMessage]
     decision: DecisionRecord
     generation: int
+    consumed: ConsumedOffsets | None
     result: KafkaResult | None = None
     wake: threading.Lock = field(default_factory=threading.Lock)
     """Held while the member sleeps; released (once) when its result is set or
@@ -71,12 +72,13 @@ class _GroupTicket:
             self.cancel()
             raise
 
-    def commit(self, messages: Sequence[StagedMessage], decision: DecisionRecord) -> KafkaResult:
+    def commit(self, messages: Sequence[StagedMessage], decision: DecisionRecord,
+               consumed: ConsumedOffsets | None = None) -> KafkaResult:
         if self._done:
             raise RuntimeError("ticket already used")
         self._done = True
         return self._owner._commit(
-            self._batcher, _Member(messages, decision, self.session.generation))
+            self._batcher, _Member(messages, decision, self.session.generation, consumed))
 
     def cancel(self) -> None:
         if not self._done:
@@ -161,6 +163,7 @@ class GroupCommitter:
                     members[0].decision.gid if len(members) == 1
                     else f"{members[0].decision.gid} (+{len(members) - 1} in group)",
                     generation=current,
+                    consumed=[m.consumed for m in members if m.consumed is not None],
                 )
         except BaseException as exc:
             result = KafkaResult(KafkaOutcome.UNKNOWN, exc, f"unexpected: {exc!r}")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from ._errmap import describe, kafka_error_kind, kafka_error_of
 from ._producers import ProducerSlot
@@ -24,7 +24,7 @@ from ._protocol import CommitAction, KafkaErrorKind, KafkaOutcome, commit_action
 from .config import RetryPolicy
 from .decision_log import DecisionRecord
 
-__all__ = ["KafkaResult", "StagedMessage", "run_transaction"]
+__all__ = ["ConsumedOffsets", "KafkaResult", "StagedMessage", "merge_offsets", "run_transaction"]
 
 log = logging.getLogger("coordinator.kafka")
 
@@ -40,6 +40,33 @@ class StagedMessage:
     key: bytes | None = None
     headers: tuple[tuple[str, bytes], ...] = ()
     partition: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumedOffsets:
+    """Where a consumer's group should resume once the transaction commits: the
+    offsets (last consumed + 1 per partition), committed inside the Kafka
+    transaction with the consumer's group metadata (KIP-447: a consumer that lost
+    its partitions in a rebalance is fenced by the group generation)."""
+
+    consumer_id: int
+    """Identifies the consumer (offsets of one consumer are merged in a group commit)."""
+    group_metadata: Any
+    offsets: tuple[tuple[str, int, int], ...]
+    """(topic, partition, next offset)."""
+
+
+def merge_offsets(items: Sequence[ConsumedOffsets]) -> list[ConsumedOffsets]:
+    """One entry per consumer, with the highest offset per partition (members of a
+    group commit may carry consecutive batches of the same consumer)."""
+    merged: dict[int, tuple[Any, dict[tuple[str, int], int]]] = {}
+    for item in items:
+        _, best = merged.setdefault(item.consumer_id, (item.group_metadata, {}))
+        for topic, partition, offset in item.offsets:
+            if offset > best.get((topic, partition), -1):
+                best[(topic, partition)] = offset
+    return [ConsumedOffsets(cid, meta, tuple((t, p, o) for (t, p), o in sorted(best.items())))
+            for cid, (meta, best) in merged.items()]
 
 
 @dataclass(slots=True)
@@ -104,9 +131,11 @@ def run_transaction(
     log_id: str,
     *,
     generation: int,
+    consumed: Sequence[ConsumedOffsets] = (),
 ) -> KafkaResult:
-    """Produce ``messages`` and ``decisions`` in one Kafka transaction and commit it,
-    with the slot's session ``generation`` only (the one taken before PREPARE)."""
+    """Produce ``messages`` and ``decisions`` in one Kafka transaction, add the
+    ``consumed`` offsets to it, and commit it, with the slot's session
+    ``generation`` only (the one taken before PREPARE)."""
     with slot.lock:
         producer = slot.producer_of(generation)
         if producer is None:
@@ -115,7 +144,7 @@ def run_transaction(
                 f"the producer session taken before PREPARE (generation {generation}) was "
                 f"replaced (now {slot.generation}); only that session may commit")
         return _run(slot, producer, messages, decisions, decision_topic, commit_retry,
-                    timeout, log_id)
+                    timeout, log_id, consumed)
 
 
 def _run(
@@ -127,6 +156,7 @@ def _run(
     commit_retry: RetryPolicy,
     timeout: float,
     log_id: str,
+    consumed: Sequence[ConsumedOffsets],
 ) -> KafkaResult:
     deliveries = _Deliveries(decision_topic)
     try:
@@ -143,6 +173,12 @@ def _run(
         if deliveries.error is not None:
             raise _BeforeCommit(f"delivery failed: {deliveries.error.name()}: "
                                 f"{deliveries.error.str()}", KafkaException(deliveries.error))
+        for item in merge_offsets(consumed):
+            # A consumer fenced by a rebalance (stale group generation) fails here or
+            # at the commit: either way its transaction cannot commit.
+            producer.send_offsets_to_transaction(
+                [TopicPartition(t, p, o) for t, p, o in item.offsets], item.group_metadata,
+                timeout)
     except Exception as exc:
         # commit_transaction() was never called, so the transaction cannot commit:
         # abort it, whatever failed.

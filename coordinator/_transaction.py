@@ -21,6 +21,7 @@ from psycopg_pool import ConnectionPool
 
 from . import _postgres
 from ._committer import Ticket
+from ._consumed import ConsumedBatch, rewind
 from ._enums import Phase, Status, Step
 from ._errmap import describe, is_connection_error, pg_prepare_error
 from ._kafka import KafkaResult, StagedMessage
@@ -59,8 +60,11 @@ class Transaction:
     are fine.
     """
 
-    def __init__(self, coordinator: Coordinator, idempotency_key: str | None) -> None:
+    def __init__(self, coordinator: Coordinator, idempotency_key: str | None,
+                 consumed: ConsumedBatch | None = None) -> None:
         self._coord = coordinator
+        self._consumed = consumed
+        self._group_metadata: Any = None
         self.idempotency_key = idempotency_key
         self.txid = uuid.uuid4().hex
         self._gid: Gid | None = None
@@ -124,6 +128,10 @@ class Transaction:
         if self.status is not Status.NOT_STARTED:
             raise UsageError("a Transaction can be used only once")
         pool, _ = self._coord._ready()
+        if self._consumed is not None:
+            # The group generation the batch was consumed under: if the consumer loses
+            # its partitions in a rebalance, the commit of these offsets is fenced.
+            self._group_metadata = self._consumed.consumer.consumer_group_metadata()
         self._conn = self._begin(pool)
         self._protocol.fire(Event.BEGUN)
         try:
@@ -175,13 +183,27 @@ class Transaction:
             return
         if exc is not None:
             self._abandon(Event.BLOCK_FAILED)
+            self._rewind()
             log.debug("%s rolled back: the block raised %s", self._log_id,
                       exc_type.__name__ if exc_type else "")
             return  # the block's exception propagates unchanged
         try:
             self._commit()
+        except BaseException:
+            if self._rolled_back:
+                self._rewind()  # the batch is delivered again
+            raise
         finally:
             self._release()
+
+    @property
+    def _rolled_back(self) -> bool:
+        return self._protocol.status is Status.ROLLED_BACK
+
+    def _rewind(self) -> None:
+        if self._consumed is not None:
+            rewind(self._consumed.consumer, self._consumed.first,
+                   self._coord.config.kafka_timeout)
 
     def _abandon(self, event: Event) -> None:
         """Roll PostgreSQL back (if still open), record ``event``, release the connection."""
@@ -227,7 +249,7 @@ class Transaction:
             raise UsageError("the block ended the PostgreSQL transaction itself (commit() or "
                              "rollback() on tx.connection); its work is NOT coordinated",
                              phase=Phase.EXECUTE)
-        if not self._messages:
+        if not self._messages and self._consumed is None:
             self._commit_one_phase(conn)
             return
         _, committer = coord._ready()
@@ -245,7 +267,9 @@ class Transaction:
             ticket.cancel()  # the slot is free again; whatever is prepared stays in doubt
             raise
         self._protocol.fire(Event.KAFKA_STARTED)
-        result = ticket.commit(self._messages, DecisionRecord(str(self._gid)))
+        consumed = (None if self._consumed is None
+                    else self._consumed.offsets(self._group_metadata))
+        result = ticket.commit(self._messages, DecisionRecord(str(self._gid)), consumed)
         self._after_kafka(result)
 
     def _commit_one_phase(self, conn: Connection) -> None:

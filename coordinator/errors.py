@@ -20,6 +20,7 @@ transaction is rolled back, committed, or undecided until recovery runs.
     +-- OutcomeUnknown              Kafka commit outcome unknown; PostgreSQL left prepared
     +-- CommittedPendingRecovery    committed; PostgreSQL's COMMIT PREPARED left to recovery
     +-- Diverged                    one side committed and the other rolled back (a bug)
+    +-- PoisonMessage               the consume loop's handler keeps failing on a message
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "Error",
     "IdempotencyKeyBusy",
     "OutcomeUnknown",
+    "PoisonMessage",
     "PrepareForbidden",
     "PreparedTransactionsDisabled",
     "RolledBack",
@@ -169,6 +171,19 @@ class Diverged(Error):
                  kafka_committed: bool = True):
         super().__init__(message, gid=gid, phase=phase)
         self.kafka_committed = kafka_committed
+
+
+class PoisonMessage(Error):
+    """``run_consumer``: the handler failed ``max_attempts`` times on one message and
+    there is no dead-letter topic. Nothing about it was committed; the consumer is
+    left at that message."""
+
+    def __init__(self, message: str, *, topic: str, partition: int, offset: int,
+                 gid: str | None = None, phase: Phase | None = None):
+        super().__init__(message, gid=gid, phase=phase)
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
 
 
 def _rebuild(cls: type[Error], args: tuple[Any, ...], state: dict[str, Any]) -> Error:

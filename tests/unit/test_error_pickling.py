@@ -29,6 +29,7 @@ EXTRA: dict[str, dict[str, Any]] = {
     "RolledBack": {"complete": False},
     "PrepareForbidden": {"complete": False},
     "Diverged": {"kafka_committed": False},
+    "PoisonMessage": {"topic": "orders", "partition": 3, "offset": 17},
 }
 
 

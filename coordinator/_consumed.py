@@ -1,0 +1,70 @@
+"""A batch of consumed Kafka messages inside a coordinated transaction: the offsets
+it commits (in the Kafka transaction, with the consumer's group metadata) and how
+the consumer is rewound when it does not commit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+
+from ._errmap import describe
+from ._kafka import ConsumedOffsets
+from .errors import UsageError
+
+__all__ = ["ConsumedBatch", "rewind"]
+
+log = logging.getLogger("coordinator.consume")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumedBatch:
+    """What a transaction consumed: per partition, the first offset and the next one."""
+
+    consumer: Consumer
+    first: dict[tuple[str, int], int]
+    next: dict[tuple[str, int], int]
+
+    @classmethod
+    def of(cls, consumer: Consumer, messages: Sequence[Message]) -> ConsumedBatch:
+        first: dict[tuple[str, int], int] = {}
+        nxt: dict[tuple[str, int], int] = {}
+        for m in messages:
+            if m.error() is not None:
+                raise UsageError(f"consumed= holds an error event, not a message: {m.error()}")
+            topic, partition, offset = m.topic(), m.partition(), m.offset()
+            if topic is None or partition is None or offset is None or offset < 0:
+                raise UsageError("consumed= holds a message without topic, partition or offset")
+            key = (topic, partition)
+            first[key] = min(first.get(key, offset), offset)
+            nxt[key] = max(nxt.get(key, 0), offset + 1)
+        return cls(consumer, first, nxt)
+
+    def offsets(self, group_metadata: Any) -> ConsumedOffsets:
+        return ConsumedOffsets(id(self.consumer), group_metadata,
+                               tuple((t, p, o) for (t, p), o in sorted(self.next.items())))
+
+
+def rewind(consumer: Consumer, first: dict[tuple[str, int], int], timeout: float) -> None:
+    """Seek each partition back to its committed offset (the batch's first offset
+    where the group has none yet), so that what did not commit is delivered again.
+    Partitions no longer assigned are left to their new owner, which starts from the
+    committed offsets."""
+    if not first:
+        return
+    try:
+        committed = consumer.committed([TopicPartition(t, p) for t, p in first], timeout)
+    except KafkaException as exc:
+        log.warning("cannot read the committed offsets to rewind (%s); seeking to the "
+                    "batch's first offsets", describe(exc))
+        committed = [TopicPartition(t, p, -1) for t, p in first]
+    for tp in committed:
+        offset = tp.offset if tp.offset >= 0 else first[(tp.topic, tp.partition)]
+        try:
+            consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        except KafkaException as exc:
+            log.info("not rewinding %s[%d] (%s): no longer assigned to this consumer?",
+                     tp.topic, tp.partition, describe(exc))
