@@ -1,7 +1,8 @@
-#!/usr/bin/env python3
 """Benchmark: one recovery run over 10,000 in-doubt transactions (target <= 30 s).
 
-    KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:39092 .venv/bin/python scripts/bench_recovery.py
+    KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:39092 .venv/bin/python -m tests.bench.recovery
+
+(from the repository root).
 
 What it does:
 
@@ -52,18 +53,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import psycopg
+from psycopg import sql
 
-import psycopg  # noqa: E402
-from psycopg import sql  # noqa: E402
+import recovery
+from coordinator import Coordinator, CoordinatorConfig, DecisionTopic
+from coordinator.gid import GID_PREFIX
+from tests.crash import indoubt
+from tests.plugins.kafka_helpers import create_topic, delete_topics, read_committed
 
-import recovery  # noqa: E402
-from coordinator import Coordinator, CoordinatorConfig, DecisionTopic  # noqa: E402
-from coordinator.gid import GID_PREFIX  # noqa: E402
-from tests.crash import indoubt  # noqa: E402
-from tests.plugins.kafka_helpers import create_topic, delete_topics, read_committed  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / ".stack" / "bench-recovery"
 TABLE = "bench_ops"
 
@@ -141,7 +140,7 @@ class Cluster:
                    "--auth=trust", "-E", "UTF8", "--no-sync"])
         with open(self.data / "postgresql.conf", "a", encoding="utf-8") as f:
             f.write(
-                "\n# scripts/bench_recovery.py\n"
+                "\n# tests/bench/recovery.py\n"
                 f"port = {self.port}\n"
                 "listen_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{self.base}'\n"
