@@ -1,7 +1,8 @@
 """Throughput and latency of the coordinator against the alternatives (issue 7).
 
 The business operation is always the same: one INSERT of a row and one 1 KB
-Kafka message. It goes through four paths, side by side in one process tree:
+Kafka message. It goes through four paths, side by side in one process tree,
+next to PostgreSQL alone doing the INSERT with 2PC:
 
 ``naive``   (a) commit PostgreSQL, then produce with an idempotent producer
             (``acks=all``) and wait for the delivery report. Unsafe: a crash
@@ -14,6 +15,8 @@ Kafka message. It goes through four paths, side by side in one process tree:
             process) receives its message.
 ``per_op``  (c) the coordinator, one Kafka transaction per operation.
 ``group``   (d) the coordinator with group commit.
+``pg_2pc``  PostgreSQL alone, no Kafka: INSERT + PREPARE TRANSACTION + COMMIT
+            PREPARED, the physical ceiling of (c) and (d) on the machine at hand.
 
 (c) and (d) use the same producer pool size. Every path runs at each
 concurrency (threads, closed loop); the first ``--warmup`` seconds of every
@@ -31,9 +34,10 @@ Usage (through ``scripts/bench``, which starts the local stack, or
 The services come from ``PG_DSN`` and ``KAFKA_BOOTSTRAP_SERVERS``. The last
 line of the main mode is::
 
-    twopc_group_vs_naive=R twopc_group_vs_outbox=R twopc_group_vs_per_op=R
+    twopc_group_vs_naive=R twopc_group_vs_outbox=R twopc_group_vs_per_op=R twopc_group_vs_pg_2pc=R
 
-(throughput ratios at concurrency 32, or the highest concurrency measured).
+(throughput of (d) over that of each path, at concurrency 32 or the highest
+concurrency measured; NaN for a path not measured).
 """
 
 from __future__ import annotations

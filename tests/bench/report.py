@@ -37,8 +37,10 @@ __all__ = [
     "write_mode_report",
 ]
 
-RATIOS = ("naive", "outbox", "per_op")
-"""The ratio line: group commit's throughput over each of these paths'."""
+RATIOS = ("naive", "outbox", "per_op", "pg_2pc")
+"""The ratio line: group commit's throughput over each of these paths'. The last is
+the share of the protocol's physical ceiling reached: PostgreSQL alone doing INSERT +
+PREPARE TRANSACTION + COMMIT PREPARED at the same concurrency, in the same run."""
 
 
 def machine_notes() -> dict[str, Any]:

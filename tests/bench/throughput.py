@@ -58,7 +58,7 @@ def _open_paths(args: argparse.Namespace, env: Services, paths: list[str], table
     if "naive" in paths:
         opened["naive"] = Naive(env.dsn, env.brokers, tables, topics["naive"], pool_size,
                                 {"linger.ms": 1})
-    for p in ("pg_commit", "pg_2pc"):
+    for p in ("pg_2pc", "pg_commit"):
         if p in paths:
             opened[p] = PgOnly(p, env.dsn, tables, pool_size)
     for p, gc in (("per_op", None), ("group", group)):
@@ -163,7 +163,8 @@ def main(args: argparse.Namespace, out_dir: Path) -> int:
         table,
         "",
         f"At concurrency {c32}: group vs naive {ratios['naive']:.2f}, vs outbox "
-        f"{ratios['outbox']:.2f}, vs per-op {ratios['per_op']:.2f}.",
+        f"{ratios['outbox']:.2f}, vs per-op {ratios['per_op']:.2f}, vs PostgreSQL alone "
+        f"doing INSERT + PREPARE + COMMIT PREPARED (the ceiling) {ratios['pg_2pc']:.2f}.",
         "",
         "Machine: " + ", ".join(f"{k}={v}" for k, v in notes.items()) + ".",
         "",
