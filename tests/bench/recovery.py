@@ -1,7 +1,8 @@
-#!/usr/bin/env python3
 """Benchmark: one recovery run over 10,000 in-doubt transactions (target <= 30 s).
 
-    KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:39092 .venv/bin/python scripts/bench_recovery.py
+    KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:39092 .venv/bin/python -m tests.bench.recovery
+
+(from the repository root).
 
 What it does:
 
@@ -38,9 +39,6 @@ import io
 import json
 import os
 import pstats
-import pwd
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -52,119 +50,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import psycopg
+from psycopg import sql
 
-import psycopg  # noqa: E402
-from psycopg import sql  # noqa: E402
+import recovery
+from coordinator import Coordinator, CoordinatorConfig, DecisionTopic
+from coordinator.gid import GID_PREFIX
+from tests.bench.pgcluster import Cluster, bin_dir, free_port
+from tests.crash import indoubt
+from tests.plugins.kafka_helpers import create_topic, delete_topics, read_committed
 
-import recovery  # noqa: E402
-from coordinator import Coordinator, CoordinatorConfig, DecisionTopic  # noqa: E402
-from coordinator.gid import GID_PREFIX  # noqa: E402
-from tests.crash import indoubt  # noqa: E402
-from tests.plugins.kafka_helpers import create_topic, delete_topics, read_committed  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / ".stack" / "bench-recovery"
 TABLE = "bench_ops"
 
 
 def say(msg: str) -> None:
     print(f"[bench_recovery] {msg}", file=sys.stderr, flush=True)
-
-
-# -- the private PostgreSQL cluster ------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _bin_dir(explicit: str | None) -> Path:
-    if explicit:
-        return Path(explicit)
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
-                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
-                   else 0)
-    if found:
-        return found[-1].parent
-    pg_ctl = shutil.which("pg_ctl")
-    if pg_ctl is None:
-        raise SystemExit("pg_ctl not found: install PostgreSQL or pass --pg-bin")
-    return Path(pg_ctl).parent
-
-
-class Cluster:
-    """initdb + pg_ctl start/stop of a throw-away cluster under ``BENCH_DIR``."""
-
-    def __init__(self, bin_dir: Path, base: Path, port: int) -> None:
-        self.bin = bin_dir
-        self.base = base
-        self.data = base / "pgdata"
-        self.log = base / "postgres.log"
-        self.port = port
-        self.dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        self.started = False
-
-    def _as_server_user(self, cmd: list[str]) -> list[str]:
-        return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-    def _chown(self, path: Path) -> None:
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
-            os.chown(path, pw.pw_uid, pw.pw_gid)
-
-    def _run(self, cmd: list[str]) -> None:
-        done = subprocess.run(self._as_server_user(cmd), capture_output=True, text=True,
-                              check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}"
-                             f"\n{done.stderr}")
-
-    def reachable(self) -> bool:
-        """Whether the server's OS user can traverse to ``base`` (not under /root 0700)."""
-        self.base.mkdir(parents=True, exist_ok=True)
-        probe = subprocess.run(self._as_server_user(["test", "-x", str(self.base.parent)]),
-                               capture_output=True, check=False)
-        return probe.returncode == 0
-
-    def start(self) -> None:
-        if self.data.exists():
-            self.stop_stale()
-            shutil.rmtree(self.data)
-        self.base.mkdir(parents=True, exist_ok=True)
-        self._chown(self.base)
-        self.log.unlink(missing_ok=True)
-        self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
-                   "--auth=trust", "-E", "UTF8", "--no-sync"])
-        with open(self.data / "postgresql.conf", "a", encoding="utf-8") as f:
-            f.write(
-                "\n# scripts/bench_recovery.py\n"
-                f"port = {self.port}\n"
-                "listen_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{self.base}'\n"
-                "max_prepared_transactions = 12000\n"
-                "max_connections = 100\n"
-                "shared_buffers = '256MB'\n"
-            )
-        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                   "-w", "-t", "120", "start"])
-        self.started = True
-
-    def stop(self) -> None:
-        if self.started:
-            self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
-                       "-t", "120", "stop"])
-            self.started = False
-
-    def stop_stale(self) -> None:
-        """A cluster left running by an earlier --keep-cluster run: stop it via its pid file."""
-        if (self.data / "postmaster.pid").exists():
-            subprocess.run(self._as_server_user(
-                [str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]),
-                capture_output=True, check=False)
 
 
 # -- making in-doubt transactions ----------------------------------------------------------------
@@ -317,7 +219,8 @@ def quiet_coordinator_logs() -> Iterator[None]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.bench.recovery",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=10_000)
     p.add_argument("--instances", type=int, default=4)
     p.add_argument("--producers", type=int, default=4, help="per instance")
@@ -337,7 +240,7 @@ def main() -> int:
     if args.count > 11_000:
         raise SystemExit("--count above 11000 needs a larger max_prepared_transactions")
 
-    cluster = Cluster(_bin_dir(args.pg_bin), BENCH_DIR, args.port or _free_port())
+    cluster = Cluster(bin_dir(args.pg_bin), BENCH_DIR, args.port or free_port())
     if not cluster.reachable():  # e.g. a checkout under /root: the postgres user is locked out
         cluster = Cluster(cluster.bin, Path("/tmp/pk2pc-bench-recovery"), cluster.port)
     kafka = {"bootstrap.servers": args.bootstrap}
