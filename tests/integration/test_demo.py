@@ -36,6 +36,18 @@ def test_demo_runs_and_both_sides_agree(pg_db: str, kafka_bootstrap: str) -> Non
         assert out.rstrip().splitlines()[-1].startswith("Both sides agree")
 
 
+def test_pipeline_example_survives_a_kill(pg_db: str, kafka_bootstrap: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.pipeline", "--instance", f"p-{uuid.uuid4().hex[:8]}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PG_DSN": pg_db, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "stage exit status -9" in done.stdout
+    assert "invoices: 300   payments (read_committed): 300   duplicates: 0" in done.stdout
+    assert done.stdout.rstrip().splitlines()[-1].startswith("Exactly once")
+
+
 def test_demo_without_services_says_what_to_do() -> None:
     env = {k: v for k, v in os.environ.items()
            if k not in ("PG_DSN", "KAFKA_BOOTSTRAP_SERVERS")}
