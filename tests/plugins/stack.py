@@ -42,3 +42,11 @@ def pg_stop_immediate() -> None:
 def pg_start() -> None:
     """Start PostgreSQL again and wait until it accepts connections."""
     stack("pg-start")
+
+
+def is_local_kafka(bootstrap: str) -> bool:
+    """Whether ``bootstrap`` is the local stack's Kafka (whose brokers tests may restart)."""
+    for line in stack("env", timeout=60).splitlines():
+        if line.startswith("export KAFKA_BOOTSTRAP_SERVERS="):
+            return line.split("=", 1)[1].strip().strip("'\"") == bootstrap
+    return False
