@@ -30,7 +30,7 @@ and produces ``--messages-per-op`` messages to ``--topic`` with key ``op_id`` an
     no crash.
 
 Pauses (``PAUSE_STEPS``, armed as ``pause:<step>`` by the fault campaign's workload,
-``faults/workload.py``) freeze the process instead of killing it: it records a ``pause``
+``tests/faults/workload.py``) freeze the process instead of killing it: it records a ``pause``
 event, starts a detached waker (``sleep N; kill -CONT <pid>``, its own session, so it
 outlives a kill of the worker) and sends itself SIGSTOP; once continued it records
 ``continued`` and carries on. Steps: ``before_prepare`` (before ``PREPARE

@@ -1,18 +1,18 @@
-"""The crash-and-fault campaign: ``scripts/faults`` (``python -m faults``).
+"""The crash-and-fault campaign: ``scripts/faults`` (``python -m tests.faults``).
 
 1. Starts (or reuses) the campaign's own stack instance -- ``scripts/stack up --toxiproxy``
    with ``STACK_DIR=.stack/faults`` and every port moved by ``--port-offset`` -- so that
    killing brokers and stopping PostgreSQL never disturbs the shared development stack.
    A fresh database, business topic and decision topic per run.
 2. Runs one *phase* per fault kind (``--faults``): ``--workers`` client processes
-   (``faults/workload.py``, instances ``w0``, ``w1``...) share the phase's operations; the
+   (``tests/faults/workload.py``, instances ``w0``, ``w1``...) share the phase's operations; the
    phase's fault is injected while they run; a process that dies is started again with the
    same instance id (as an orchestrator would), and carries on with its log. Coordinators
    reach PostgreSQL and Kafka through Toxiproxy; recovery and the checker connect directly.
 3. Meanwhile the recovery command runs every few seconds (``python -m recovery ... --json``,
    like a CronJob), and even-numbered workers call ``recovery.recover_own`` at start-up.
 4. After the last phase: every fault healed, recovery runs until it exits 0 with nothing
-   left in its grace period, then the checker (``faults/check.py``) compares PostgreSQL,
+   left in its grace period, then the checker (``tests/faults/check.py``) compares PostgreSQL,
    the ``read_committed`` view of Kafka, the decision log and what every client was told.
 5. Prints a table per fault kind and the line ``ops=N divergences=N duplicates=N
    leftovers=N lost=N``; exit status 1 when anything but ``ops`` is non-zero, when an
@@ -37,7 +37,7 @@ Fault kinds that attack atomicity through recovery (docs/reliability.md):
   instance, ``--second-stack-dir``, ``--second-port-offset``), while workers are killed
   after their Kafka commit.
 * ``clock-skew`` -- worker w0 runs under libfaketime with its clock ``--skew-seconds``
-  behind, w1 ahead (``faults/faketime_fix.c`` keeps librdkafka and Python's sleeps working
+  behind, w1 ahead (``tests/faults/faketime_fix.c`` keeps librdkafka and Python's sleeps working
   under it), and workers are killed after their Kafka commit, so recovery must find
   decisions written with skewed timestamps.
 """
@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
 POINTS = ("before_prepare", "after_prepare", "during_commit", "after_commit",
@@ -306,11 +306,11 @@ def stop_second_stack(s: Settings) -> None:
         say(f"could not stop the second stack: {done.stderr[-500:]}")
 
 
-FAKETIME_FIX = ROOT / "faults" / "faketime_fix.c"
+FAKETIME_FIX = Path(__file__).with_name("faketime_fix.c")
 
 
 def setup_clock_skew(s: Settings) -> None:
-    """libfaketime (Debian package ``faketime``) and ``faults/faketime_fix.c`` compiled
+    """libfaketime (Debian package ``faketime``) and ``tests/faults/faketime_fix.c`` compiled
     into the campaign's stack folder; installed with apt-get when missing, like
     ``scripts/stack`` installs its packages."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -321,7 +321,7 @@ def setup_clock_skew(s: Settings) -> None:
     try:
         require_command("faketime", "faketime", "libfaketime (the clock-skew fault)")
         gcc = require_command("gcc", "gcc", "a C compiler (libfaketime's companion for "
-                              "the clock-skew fault, faults/faketime_fix.c)")
+                              "the clock-skew fault, tests/faults/faketime_fix.c)")
     except StackError as exc:
         raise CampaignError(str(exc)) from None
     if _libfaketime() is None:
@@ -667,7 +667,7 @@ class Campaign:
     # -- workers -------------------------------------------------------------------------
 
     def _command(self, sl: Slot) -> list[str]:
-        cmd = [PYTHON, "-m", "faults.workload", "--plan", str(sl.plan), "--log", str(sl.log),
+        cmd = [PYTHON, "-m", "tests.faults.workload", "--plan", str(sl.plan), "--log", str(sl.log),
                "--postgres", self.services.proxy_dsn, "--bootstrap",
                self.services.proxy_bootstrap, "--name", NAME, "--instance", sl.instance,
                "--topic", self.topic, "--table", self.table, "--decision-topic",

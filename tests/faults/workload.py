@@ -1,6 +1,6 @@
 """One client process of the fault campaign: business operations through a coordinator.
 
-Run by the campaign as ``python -m faults.workload --plan PLAN.json --log LOG.jsonl
+Run by the campaign as ``python -m tests.faults.workload --plan PLAN.json --log LOG.jsonl
 --postgres DSN --bootstrap SERVERS --name N --instance I --topic T --table TBL
 --decision-topic D [--recover-own]``; after a crash the campaign starts it again with
 the same arguments and it carries on where its log says it stopped.
@@ -119,7 +119,7 @@ OP_DEADLINE = 240.0
 """Seconds after its first attempt an operation is given up (told unknown)."""
 RETRY_AFTER = {"busy": 2.0, "unknown": 3.0, "killed": 0.5, "rolled_back": 0.3, "error": 1.0}
 
-log = logging.getLogger("faults.workload")
+log = logging.getLogger("tests.faults.workload")
 
 
 class ThreadState(crash_worker._State):
@@ -434,7 +434,7 @@ def resume(path: Path, plan: list[dict[str, Any]],
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m faults.workload", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tests.faults.workload", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", required=True, help="JSON: {\"ops\": [{op, kind, idem, crash, "
                    "kill_delay_us}, ...]}")
