@@ -46,7 +46,7 @@ from .observed import (
     read_systems,
     settle,
 )
-from .workload import NOT_APPLIED_TOLD
+from .operations import NOT_APPLIED_TOLD
 
 __all__ = [
     "COLUMNS",
