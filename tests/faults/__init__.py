@@ -12,8 +12,11 @@
   mistakes, final runs;
 * :mod:`tests.faults.report` -- progress lines, the fault journal, the tables, the summary;
 * :mod:`tests.faults.workload` -- a client process running business operations through a
-  coordinator, killing itself at protocol points (the hooks of ``tests/crash/worker.py``);
+  coordinator, killing itself at protocol points (the hooks of ``tests/crash/worker.py``,
+  per thread, in :mod:`tests.faults.hooks`); :mod:`tests.faults.operations` -- its
+  operations' attempts and answers, and resuming after a kill;
 * :mod:`tests.faults.injectors` -- the faults: random kills, Kafka broker kill -9 and restart,
   PostgreSQL immediate stop and restart, network cuts and latency through Toxiproxy;
-* :mod:`tests.faults.check` -- the invariant checker, operation by operation.
+* :mod:`tests.faults.check` -- the invariant checker, operation by operation, on what
+  :mod:`tests.faults.observed` reads from the clients' logs and the two systems.
 """
