@@ -1,7 +1,7 @@
 """Toxiproxy (github.com/Shopify/toxiproxy) in front of PostgreSQL and every Kafka broker.
 
 Started by `scripts/stack up --toxiproxy`; fault-injection code adds and removes toxics
-through its HTTP API (see faults/toxiproxy.py). Built from the Go module proxy with
+through its HTTP API (see tests/faults/toxiproxy.py). Built from the Go module proxy with
 `go install` into the shared cache (nothing is downloaded from anywhere else):
     .stack/toxiproxy-<version>/bin/server     the binary (`go install` names it `server`)
     .stack/go/                                GOPATH and GOCACHE of that build

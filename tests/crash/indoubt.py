@@ -1,38 +1,39 @@
 """Make in-doubt transactions in-process, fast: a coordinator that "crashes" at the commit.
 
-:func:`install` wraps ``coordinator._committer.run_transaction`` (the Kafka side of
-the per-operation committer). While a thread has set a crash mode with :func:`crashing`,
-its next transaction ends in a :class:`SimulatedCrash` (a ``BaseException``, so nothing
-in the coordinator catches it) after ``PREPARE TRANSACTION``:
+:func:`on_step` is an ``on_step`` hook: give it to the coordinator as
+``CoordinatorConfig(on_step=indoubt.on_step)``. While a thread has set a crash mode with
+:func:`crashing`, its next transaction ends in a :class:`SimulatedCrash` (a
+``BaseException``, so nothing in the coordinator catches it) after ``PREPARE
+TRANSACTION``:
 
 ``"before_commit"``
-    raised before the Kafka transaction starts: no decision record, nothing published;
-    the right resolution is ROLLBACK PREPARED;
+    raised at ``Step.AFTER_PREPARE``, before the Kafka transaction starts: no decision
+    record, nothing published; the right resolution is ROLLBACK PREPARED;
 ``"after_commit"``
-    raised after the Kafka transaction (messages + decision record) committed; the right
-    resolution is COMMIT PREPARED.
+    raised at ``Step.AFTER_KAFKA_COMMIT``, once the Kafka transaction (messages + decision
+    record) committed; the right resolution is COMMIT PREPARED.
 
 Either way the PostgreSQL transaction stays prepared, exactly as after a ``kill -9`` at
-that point (the producer is still usable, as a restarted one would be).
+that point (the producer is still usable, as a restarted one would be). Outside
+:func:`crashing` the hook does nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import coordinator._committer
-from coordinator import Coordinator
-from coordinator._protocol import KafkaOutcome
+from coordinator import Coordinator, Step
 
-__all__ = ["MODES", "SimulatedCrash", "crashing", "install", "make_in_doubt"]
+__all__ = ["MODES", "SimulatedCrash", "crashing", "make_in_doubt", "on_step"]
 
 MODES = ("before_commit", "after_commit")
+_STEP = {"before_commit": Step.AFTER_PREPARE, "after_commit": Step.AFTER_KAFKA_COMMIT}
+"""The step each mode crashes at."""
 
 _local = threading.local()
-_real: Callable[..., Any] | None = None
 
 
 class SimulatedCrash(BaseException):
@@ -44,35 +45,13 @@ class SimulatedCrash(BaseException):
         self.mode = mode
 
 
-def _run_transaction(*args: Any, **kwargs: Any) -> Any:
-    assert _real is not None
-    mode = getattr(_local, "mode", None)
-    if mode is None:
-        return _real(*args, **kwargs)
-    decisions = args[2] if len(args) > 2 else kwargs["decisions"]
-    gid = decisions[0].gid
-    if mode == "before_commit":
+def on_step(step: Step, gid: str | None) -> None:
+    """``CoordinatorConfig.on_step``: raise :class:`SimulatedCrash` at the step of this
+    thread's crash mode, if any."""
+    mode: str | None = getattr(_local, "mode", None)
+    if mode is not None and step is _STEP[mode]:
+        assert gid is not None
         raise SimulatedCrash(gid, mode)
-    result = _real(*args, **kwargs)
-    if result.outcome is not KafkaOutcome.COMMITTED:
-        return result  # a real failure: let the coordinator handle it
-    raise SimulatedCrash(gid, mode)
-
-
-def install() -> Callable[[], None]:
-    """Wrap the committer's ``run_transaction`` (idempotent); returns an undo function."""
-    global _real
-    if _real is None:
-        _real = coordinator._committer.run_transaction  # type: ignore[attr-defined]
-        coordinator._committer.run_transaction = _run_transaction  # type: ignore[attr-defined]
-
-    def undo() -> None:
-        global _real
-        if _real is not None:
-            coordinator._committer.run_transaction = _real  # type: ignore[attr-defined]
-            _real = None
-
-    return undo
 
 
 @contextlib.contextmanager
@@ -80,8 +59,6 @@ def crashing(mode: str) -> Iterator[None]:
     """In this thread, the next transactions crash at ``mode`` (see the module docstring)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    if _real is None:
-        raise RuntimeError("call install() first")
     old = getattr(_local, "mode", None)
     _local.mode = mode
     try:
@@ -93,7 +70,8 @@ def crashing(mode: str) -> Iterator[None]:
 def make_in_doubt(coord: Coordinator, mode: str, sql_text: Any, params: Any,
                   messages: list[tuple[str, bytes, bytes]]) -> str:
     """Run one transaction (``sql_text`` with ``params``, then ``messages`` as
-    ``(topic, key, value)``) that crashes at ``mode``; return its gid (left prepared)."""
+    ``(topic, key, value)``) that crashes at ``mode``; return its gid (left prepared).
+    ``coord`` must have been made with ``CoordinatorConfig(on_step=indoubt.on_step)``."""
     with crashing(mode):
         try:
             with coord.transaction() as tx:
@@ -103,4 +81,5 @@ def make_in_doubt(coord: Coordinator, mode: str, sql_text: Any, params: Any,
         except SimulatedCrash as crash:
             return crash.gid
     raise AssertionError(f"transaction {tx.gid} did not reach the simulated crash "
-                         f"(status {tx.status})")
+                         f"(status {tx.status}); is the coordinator's on_step "
+                         "tests.crash.indoubt.on_step?")

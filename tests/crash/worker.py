@@ -22,7 +22,10 @@ and produces ``--messages-per-op`` messages to ``--topic`` with key ``op_id`` an
     ``commit_transaction()`` returned (the commit point passed); ``COMMIT PREPARED``
     not sent.
 ``during_pg_commit``
-    a thread sends SIGKILL while ``COMMIT PREPARED`` is executing.
+    a thread sends SIGKILL while ``COMMIT PREPARED`` is executing: it is started at
+    ``Step.AFTER_KAFKA_COMMIT`` (the commit point passed; the next thing the transaction
+    does is ``COMMIT PREPARED``) and kills after ``--kill-delay-us`` of busy waiting.
+    ``COMMIT PREPARED`` may or may not get through.
 ``stop``
     (also ``--sigstop-before-commit``) the process sends itself SIGSTOP right before
     ``commit_transaction()``: a zombie. Whoever sends SIGCONT lets it try to commit.
@@ -30,19 +33,21 @@ and produces ``--messages-per-op`` messages to ``--topic`` with key ``op_id`` an
     no crash.
 
 Pauses (``PAUSE_STEPS``, armed as ``pause:<step>`` by the fault campaign's workload,
-``faults/workload.py``) freeze the process instead of killing it: it records a ``pause``
+``tests/faults/workload.py``) freeze the process instead of killing it: it records a ``pause``
 event, starts a detached waker (``sleep N; kill -CONT <pid>``, its own session, so it
 outlives a kill of the worker) and sends itself SIGSTOP; once continued it records
 ``continued`` and carries on. Steps: ``before_prepare`` (before ``PREPARE
 TRANSACTION``), ``after_prepare`` (``PREPARE`` returned, before any Kafka work of the
 operation), ``init_producer`` (inside ``init_transactions()`` of a producer being
 created), ``before_commit`` (``commit_transaction()`` entered), ``after_commit`` (it
-returned, before ``COMMIT PREPARED``), ``before_pg_commit`` (``finish_prepared`` entered
-with commit=True).
+returned), ``before_pg_commit`` (the commit point passed, ``COMMIT PREPARED`` not sent).
 
-The crash points are reached by wrapping (no sleeps): a ``confluent_kafka.Producer``
-subclass given as ``CoordinatorConfig.producer_factory``,
-and wrappers around ``coordinator._postgres.prepare`` / ``coordinator._postgres.finish_prepared``.
+The crash points are reached through the library's seams (no sleeps, no patching): a
+``confluent_kafka.Producer`` subclass given as ``CoordinatorConfig.producer_factory``
+(:class:`CrashingProducer`: the Kafka points) and :meth:`CrashState.on_step` given as
+``CoordinatorConfig.on_step`` (``Step.BEFORE_PREPARE``: ``before_prepare``;
+``Step.AFTER_PREPARE``: the ``after_prepare`` pause; ``Step.AFTER_KAFKA_COMMIT``:
+``during_pg_commit`` and the ``before_pg_commit`` pause).
 
 The worker writes one JSON line per event to ``--out`` (default stdout), each flushed
 and fsync-ed before the next step, so they survive the SIGKILL:
@@ -76,7 +81,6 @@ from typing import Any, TextIO
 from confluent_kafka import Producer
 from psycopg import sql
 
-import coordinator._postgres
 from coordinator import (
     CommittedPendingRecovery,
     Coordinator,
@@ -84,6 +88,7 @@ from coordinator import (
     DecisionTopic,
     OutcomeUnknown,
     RolledBack,
+    Step,
 )
 
 POINTS = ("none", "before_prepare", "after_prepare", "during_commit", "after_commit",
@@ -92,11 +97,11 @@ PAUSE_STEPS = ("before_prepare", "after_prepare", "init_producer", "before_commi
                "after_commit", "before_pg_commit")
 """Where an armed ``pause:<step>`` freezes the process (SIGSTOP, woken by SIGCONT)."""
 
-__all__ = ["PAUSE_STEPS", "POINTS", "main"]
+__all__ = ["PAUSE_STEPS", "POINTS", "CrashState", "CrashingProducer", "crashing_producers", "main"]
 
 
-class _State:
-    """What the wrappers need to know: which op is running and where to crash."""
+class CrashState:
+    """What the hooks need to know: which op is running and where to crash."""
 
     def __init__(self, out: TextIO, point: str, crash_op: str) -> None:
         self.out = out
@@ -152,6 +157,40 @@ class _State:
         self.emit(event="continued", op=self.op, step=step, gid=self.gid, pid=pid,
                   t=time.time())
 
+    def on_step(self, step: Step, gid: str | None) -> None:
+        """``CoordinatorConfig.on_step``: the crash points and pauses at the protocol's steps."""
+        if step is Step.BEFORE_PREPARE:
+            self.gid = gid
+            if self.armed("before_prepare"):
+                self.crash("before_prepare", kafka_flushed=False)
+            self.pause("before_prepare")
+        elif step is Step.AFTER_PREPARE:
+            self.pause("after_prepare")
+        elif step is Step.AFTER_KAFKA_COMMIT:
+            # The next thing the transaction does is COMMIT PREPARED.
+            self.pause("before_pg_commit")
+            if self.armed("during_pg_commit"):
+                self.kill_soon("during_pg_commit", kafka_flushed=True).set()
+
+    # -- the producer's points (CrashingProducer) ---------------------------------------
+
+    def before_kafka_commit(self) -> None:
+        """``commit_transaction()`` entered: every message and the decision record are
+        produced and flushed."""
+        self.pause("before_commit")
+        if self.armed("after_prepare"):
+            self.crash("after_prepare", kafka_flushed=True)
+        elif self.armed("stop"):
+            self.crash("stop", kafka_flushed=True)
+        elif self.armed("during_commit"):
+            self.kill_soon("during_commit", kafka_flushed=True).set()
+
+    def after_kafka_commit(self) -> None:
+        """``commit_transaction()`` returned: the commit point passed."""
+        if self.armed("after_commit"):
+            self.crash("after_commit", kafka_flushed=True)
+        self.pause("after_commit")
+
     def kill_soon(self, point: str, kafka_flushed: bool) -> threading.Event:
         """Record the crash and start a thread that sends SIGKILL once the caller has
         set the returned event (right before it enters the real call), after
@@ -177,61 +216,38 @@ def _kill_now() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-STATE: _State | None = None
-
-
 class CrashingProducer(Producer):
-    """The coordinator's transactional producer, with crash points around the commit."""
+    """The coordinator's transactional producer, with crash points around the commit
+    (those of :attr:`state`; ``None``: a plain producer). Made by
+    :func:`crashing_producers`."""
+
+    state: CrashState | None = None
 
     def init_transactions(self, *args: Any) -> Any:
-        st = STATE
-        if st is not None:
-            st.pause("init_producer")
+        if self.state is not None:
+            self.state.pause("init_producer")
         return super().init_transactions(*args)
 
     def commit_transaction(self, *args: Any) -> Any:
-        st = STATE
+        st = self.state
         if st is not None:
-            st.pause("before_commit")
-            if st.armed("after_prepare"):
-                st.crash("after_prepare", kafka_flushed=True)
-            elif st.armed("stop"):
-                st.crash("stop", kafka_flushed=True)
-            elif st.armed("during_commit"):
-                st.kill_soon("during_commit", kafka_flushed=True).set()
+            st.before_kafka_commit()
         result = super().commit_transaction(*args)
         if st is not None:
-            if st.armed("after_commit"):
-                st.crash("after_commit", kafka_flushed=True)
-            st.pause("after_commit")
+            st.after_kafka_commit()
         return result
 
 
-def _install(state: _State) -> None:
-    global STATE
-    STATE = state
-    real_prepare = coordinator._postgres.prepare
-    real_finish = coordinator._postgres.finish_prepared
+def crashing_producers(state: CrashState, cls: type[CrashingProducer] = CrashingProducer
+                       ) -> Callable[[dict[str, Any]], CrashingProducer]:
+    """A ``CoordinatorConfig.producer_factory`` making ``cls`` producers that serve ``state``."""
 
-    def prepare(conn: Any, gid: str, *args: Any, **kwargs: Any) -> Any:
-        state.gid = gid
-        if state.armed("before_prepare"):
-            state.crash("before_prepare", kafka_flushed=False)
-        state.pause("before_prepare")
-        result = real_prepare(conn, gid, *args, **kwargs)
-        state.pause("after_prepare")
-        return result
+    def make(conf: dict[str, Any]) -> CrashingProducer:
+        producer = cls(conf)
+        producer.state = state
+        return producer
 
-    def finish_prepared(connect: Callable[[], Any], release: Callable[[Any], None],
-                        gid: str, commit: bool, *args: Any, **kwargs: Any) -> Any:
-        if commit:
-            state.pause("before_pg_commit")
-        if commit and state.armed("during_pg_commit"):
-            state.kill_soon("during_pg_commit", kafka_flushed=True).set()
-        return real_finish(connect, release, gid, commit, *args, **kwargs)
-
-    coordinator._postgres.prepare = prepare
-    coordinator._postgres.finish_prepared = finish_prepared
+    return make
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -264,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_op(coord: Coordinator, state: _State, args: argparse.Namespace, op_id: str) -> None:
+def _run_op(coord: Coordinator, state: CrashState, args: argparse.Namespace, op_id: str) -> None:
     state.op, state.gid = op_id, None
     tx = coord.transaction()
     told, error = "committed", None
@@ -295,9 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s worker %(levelname)s %(name)s %(message)s")
     crash_op = args.crash_op if args.crash_op is not None else args.ops - 1
     out: TextIO = sys.stdout if args.out == "-" else open(args.out, "a", encoding="utf-8")  # noqa: SIM115
-    state = _State(out, args.crash_at, f"{args.op_prefix}-{crash_op}")
+    state = CrashState(out, args.crash_at, f"{args.op_prefix}-{crash_op}")
     state.kill_delay_us = args.kill_delay_us
-    _install(state)
     config = CoordinatorConfig(
         decision_topic=DecisionTopic(name=args.decision_topic,
                                      partitions=args.decision_partitions),
@@ -305,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         transaction_timeout_ms=args.transaction_timeout_ms,
         kafka_timeout=10.0,
         startup_timeout=60.0,
-        producer_factory=CrashingProducer,
+        producer_factory=crashing_producers(state),
+        on_step=state.on_step,
     )
     coord = Coordinator(args.postgres, {"bootstrap.servers": args.bootstrap}, args.name,
                         instance=args.instance, config=config)

@@ -10,17 +10,14 @@ prepared transaction to recovery.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 import tenacity
 from psycopg import sql
 
-import coordinator._committer as committer_module
-import coordinator._group as group_module
-import coordinator._kafka as kafka_module
 from coordinator import (
     AlreadyCommitted,
     CommittedPendingRecovery,
@@ -29,9 +26,8 @@ from coordinator import (
     Phase,
     RetryPolicy,
     Status,
+    Step,
 )
-from coordinator._kafka import KafkaResult
-from coordinator._protocol import KafkaOutcome
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Env
@@ -39,41 +35,37 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
-def after_kafka_commit(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> list[str]:
-    """Run ``action`` right after each real Kafka commit returns COMMITTED (and before
-    COMMIT PREPARED). Returns the list of gids it ran for."""
-    real = kafka_module.run_transaction
-    fired: list[str] = []
+class AfterKafkaCommit:
+    """An ``on_step`` hook: runs ``action`` when a transaction has passed the commit point
+    (the Kafka commit returned COMMITTED) and before its COMMIT PREPARED, while
+    :attr:`armed`. :attr:`fired` lists the gids it ran for."""
 
-    def wrapped(slot: Any, messages: Sequence[Any], decisions: Sequence[Any],
-                *args: Any, **kwargs: Any) -> KafkaResult:
-        result = real(slot, messages, decisions, *args, **kwargs)
-        if result.outcome is KafkaOutcome.COMMITTED:
-            fired.extend(d.gid for d in decisions)
-            action()
-        return result
+    def __init__(self, action: Callable[[], None]) -> None:
+        self.action = action
+        self.armed = True
+        self.fired: list[str | None] = []
 
-    monkeypatch.setattr(committer_module, "run_transaction", wrapped)
-    monkeypatch.setattr(group_module, "run_transaction", wrapped)
-    return fired
+    def __call__(self, step: Step, gid: str | None) -> None:
+        if self.armed and step is Step.AFTER_KAFKA_COMMIT:
+            self.fired.append(gid)
+            self.action()
 
 
 def test_connection_killed_after_kafka_commit_is_finished_on_new_connection(
-    env: Env, orders: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-    group_commit: GroupCommit | None,
+    env: Env, orders: str, caplog: pytest.LogCaptureFixture, group_commit: GroupCommit | None,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="coordinator")
     topic = env.topic()
-    coord = env.coordinator(group_commit=group_commit)
     pids: list[int] = []
-    fired = after_kafka_commit(monkeypatch, lambda: env.terminate(pids[-1]))
+    hook = AfterKafkaCommit(lambda: env.terminate(pids[-1]))
+    coord = env.coordinator(group_commit=group_commit, on_step=hook)
 
     with coord.transaction(idempotency_key="order-1") as tx:
         pids.append(tx.connection.info.backend_pid)
         tx.execute("INSERT INTO orders (id, total) VALUES (1, 10)")
         tx.produce(topic, value=b"order 1")
 
-    assert fired == [tx.gid]
+    assert hook.fired == [tx.gid]
     assert tx.status is Status.COMMITTED
     # It really went through the retry on a new connection.
     assert any("retrying COMMIT PREPARED" in r.getMessage() and str(tx.gid) in r.getMessage()
@@ -89,31 +81,31 @@ def test_connection_killed_after_kafka_commit_is_finished_on_new_connection(
     env.assert_decided(tx.gid)
 
     # The broken connection was not handed out again: the coordinator keeps working.
-    monkeypatch.undo()
+    hook.armed = False
     for i in (2, 3, 4):
         with coord.transaction() as tx2:
             tx2.execute("INSERT INTO orders (id, total) VALUES (%s, 10)", (i,))
             tx2.produce(topic, value=f"order {i}")
         assert tx2.status is Status.COMMITTED
     assert env.ids() == [1, 2, 3, 4]
-    assert sorted(m.value or b"" for m in env.read(topic)) == [b"order 1", b"order 2", b"order 3",
+    assert sorted(m.value for m in env.read(topic)) == [b"order 1", b"order 2", b"order 3",
                                                         b"order 4"]
 
 
 def test_postgres_unreachable_after_kafka_commit_raises_committed_pending_recovery(
-    env: Env, orders: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-    group_commit: GroupCommit | None,
+    env: Env, orders: str, caplog: pytest.LogCaptureFixture, group_commit: GroupCommit | None,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="coordinator")
     topic = env.topic()
+    hook = AfterKafkaCommit(env.block_connections)
     coord = env.coordinator(
         group_commit=group_commit,
         pg_commit_retry=RetryPolicy(stop=tenacity.stop_after_attempt(2),
                                     wait=tenacity.wait_none()),
         connection_timeout=3.0,
         idempotency_wait_ms=500,
+        on_step=hook,
     )
-    fired = after_kafka_commit(monkeypatch, env.block_connections)
 
     with pytest.raises(CommittedPendingRecovery) as info, \
             coord.transaction(idempotency_key="order-1") as tx:
@@ -121,7 +113,7 @@ def test_postgres_unreachable_after_kafka_commit_raises_committed_pending_recove
         tx.produce(topic, value=b"order 1")
 
     err = info.value
-    assert fired == [tx.gid]
+    assert hook.fired == [tx.gid]
     assert err.gid is not None and err.gid == tx.gid
     assert err.phase is Phase.PG_COMMIT
     assert "is committed" in str(err) and "recovery" in str(err)
@@ -134,7 +126,7 @@ def test_postgres_unreachable_after_kafka_commit_raises_committed_pending_recove
     env.assert_decided(err.gid)
     # PostgreSQL: still prepared, waiting for recovery.
     assert env.prepared() == [err.gid]
-    monkeypatch.undo()
+    hook.armed = False
 
     # PostgreSQL is back, recovery has not run yet: a client retry with the same key
     # must not apply or publish the operation twice; the prepared transaction holds it.

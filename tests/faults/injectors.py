@@ -10,7 +10,7 @@ inside an operation. Services are stopped with a signal to the pid in their pid 
 (``kill -9`` of the broker; SIGQUIT to the postmaster, which is what ``pg_ctl stop -m
 immediate`` sends) -- at once, which ``scripts/stack``'s commands are not -- and started
 again with ``scripts/stack`` (``tests/plugins/stack.py``), on the campaign's own stack
-instance; network faults go through Toxiproxy's API (``faults/toxiproxy.py``).
+instance; network faults go through Toxiproxy's API (``tests/faults/toxiproxy.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-/* A companion of libfaketime for the fault campaign's clock-skew fault (faults/clock.py).
+/* A companion of libfaketime for the fault campaign's clock-skew fault (tests/faults/campaign.py).
  *
  * Under libfaketime (FAKETIME="-600s", FAKETIME_DONT_FAKE_MONOTONIC=1) librdkafka and
  * Python hang or fail, because libfaketime 0.9.10 leaves two waits inconsistent with the

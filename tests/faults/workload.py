@@ -1,6 +1,6 @@
 """One client process of the fault campaign: business operations through a coordinator.
 
-Run by the campaign as ``python -m faults.workload --plan PLAN.json --log LOG.jsonl
+Run by the campaign as ``python -m tests.faults.workload --plan PLAN.json --log LOG.jsonl
 --postgres DSN --bootstrap SERVERS --name N --instance I --topic T --table TBL
 --decision-topic D [--recover-own]``; after a crash the campaign starts it again with
 the same arguments and it carries on where its log says it stopped.
@@ -35,19 +35,21 @@ them ("unknown").
 ``crash`` names a protocol point (``tests.crash.worker.POINTS``): the process SIGKILLs
 itself there during the operation, once; or ``pause:<step>``
 (``tests.crash.worker.PAUSE_STEPS``): the process freezes itself there (SIGSTOP) for
-``pause_seconds``, once, and carries on. The hooks are those of ``tests/crash/worker.py``
-(a ``confluent_kafka.Producer`` subclass and wrappers of ``coordinator._postgres``); for
+``pause_seconds``, once, and carries on. The hooks are those of ``tests/crash/worker.py``,
+given through the library's seams: a ``confluent_kafka.Producer`` subclass as
+``CoordinatorConfig.producer_factory`` and ``CoordinatorConfig.on_step``; for
 ``during_commit`` and ``during_pg_commit`` the kill comes from another thread
-``kill_delay_us`` after the real call was entered, so that both "not yet" and "already
+``kill_delay_us`` after the real call was entered (for ``during_pg_commit``: after the
+commit point, right before ``COMMIT PREPARED``), so that both "not yet" and "already
 through" happen.
 
-The log: JSON lines written with ``tests.crash.worker._State.emit`` (flushed and fsync-ed
+The log: JSON lines written with ``tests.crash.worker.CrashState.emit`` (flushed and fsync-ed
 before the next step, so they survive the kill):
 
 * ``start`` (pid), ``recover_own`` (what ``recovery.recover_own`` resolved at start-up);
 * ``attempt`` {op, attempt, key, kind, armed} before an attempt begins;
-* ``gid`` {op, attempt, gid} right before ``PREPARE TRANSACTION`` (so every prepared
-  transaction can be traced to its attempt);
+* ``gid`` {op, attempt, gid} right before ``PREPARE TRANSACTION`` (``Step.BEFORE_PREPARE``,
+  so every prepared transaction can be traced to its attempt);
 * ``crash`` {op, point, gid, ...} right before a deliberate kill (``tests.crash.worker``);
 * ``pause`` {op, step, gid, seconds} right before a deliberate SIGSTOP, ``continued``
   after it;
@@ -59,6 +61,9 @@ before the next step, so they survive the kill):
 * ``op`` {op, told, error, attempts}: the client's final answer for the operation
   (``committed``, ``rolled_back`` or ``unknown``) -- the same record ``tests.crash.checker``
   reads;
+* ``kafka_txns`` {pid, sizes}: how many Kafka transactions carried how many decision
+  records (more than one: a shared group commit), counted by the producer when a
+  transaction reaches its commit or its abort; every 20 transactions and at the end;
 * ``end`` when the plan is done.
 """
 
@@ -67,6 +72,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import heapq
 import json
 import logging
@@ -74,19 +80,14 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import psycopg
 import psycopg.errors
 from psycopg import sql
 
-import coordinator._committer
-import coordinator._group
-import coordinator._kafka
-import coordinator._postgres
 import recovery
 from coordinator import (
     AlreadyCommitted,
@@ -100,104 +101,36 @@ from coordinator import (
     OutcomeUnknown,
     RolledBack,
     ServiceUnavailable,
+    Step,
 )
 from tests.crash import worker as crash_worker
+
+from .hooks import CountingProducer, ThreadState
+from .operations import (
+    COMMITTED_TOLD,
+    FINAL_TOLD,
+    NOT_APPLIED_TOLD,
+    RETRY_AFTER,
+    OpState,
+    resume,
+)
 
 __all__ = ["COMMITTED_TOLD", "FINAL_TOLD", "NOT_APPLIED_TOLD", "POINTS", "main"]
 
 POINTS = tuple(p for p in crash_worker.POINTS if p not in ("none", "stop"))
 """The deterministic crash points, in protocol order."""
 
-COMMITTED_TOLD = frozenset({"committed", "already_committed", "pending"})
-"""Attempt answers that say the operation is committed."""
-NOT_APPLIED_TOLD = frozenset({"rolled_back", "busy"})
-"""Attempt answers that say this attempt changed nothing."""
-FINAL_TOLD = ("committed", "rolled_back", "unknown")
-
-MAX_ATTEMPTS = 6
-OP_DEADLINE = 240.0
-"""Seconds after its first attempt an operation is given up (told unknown)."""
-RETRY_AFTER = {"busy": 2.0, "unknown": 3.0, "killed": 0.5, "rolled_back": 0.3, "error": 1.0}
-
-log = logging.getLogger("faults.workload")
-
-
-class ThreadState(crash_worker._State):
-    """``tests.crash.worker._State`` with the per-operation fields kept per thread, so that
-    several threads can share one coordinator (``--threads``, for group commit): each
-    thread's hooks see its own operation. Under group commit the Kafka commit runs in the
-    thread that leads the batch, so a Kafka crash point fires only when the armed
-    operation's thread leads; the PostgreSQL points always fire."""
-
-    _FIELDS: ClassVar[dict[str, Any]] = {
-        "op": None, "gid": None, "point": "none", "crash_op": "", "kill_delay_us": 0,
-        "pause_seconds": 0.0}
-
-    def __init__(self, out: Any, point: str, crash_op: str) -> None:
-        object.__setattr__(self, "_local", threading.local())
-        super().__init__(out, point, crash_op)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ThreadState._FIELDS:
-            return getattr(self._local, name, ThreadState._FIELDS[name])
-        raise AttributeError(name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ThreadState._FIELDS:
-            setattr(self._local, name, value)
-        else:
-            object.__setattr__(self, name, value)
+log = logging.getLogger("tests.faults.workload")
 
 
 class DeliberateFailure(Exception):
     """The application's own error inside the block (kind ``raise``)."""
 
 
-@dataclass
-class OpState:
-    spec: dict[str, Any]
-    attempts: list[str] = field(default_factory=list)
-    """What each attempt was told, in order."""
-    first_at: float | None = None
-    crashed: bool = False
-
-    @property
-    def op(self) -> str:
-        return str(self.spec["op"])
-
-    @property
-    def idem(self) -> bool:
-        return bool(self.spec.get("idem"))
-
-    @property
-    def kind(self) -> str:
-        return str(self.spec.get("kind", "ok"))
-
-    def final(self) -> str | None:
-        """The client's final answer when no further attempt will be made, else None."""
-        if not self.attempts:
-            return None
-        last = self.attempts[-1]
-        if any(t in COMMITTED_TOLD for t in self.attempts):
-            return "committed"
-        if self.kind != "ok" and last in NOT_APPLIED_TOLD and last != "busy":
-            return "rolled_back"  # the application's own failure: it does not retry
-        retry = (last in ("unknown", "killed", "busy", "rolled_back", "error") if self.idem
-                 else last == "rolled_back")
-        if retry and len(self.attempts) < MAX_ATTEMPTS and not self._expired():
-            return None
-        if all(t in NOT_APPLIED_TOLD for t in self.attempts):
-            return "rolled_back"
-        return "unknown"
-
-    def _expired(self) -> bool:
-        return self.first_at is not None and time.monotonic() - self.first_at > OP_DEADLINE
-
-
 class Client:
     """Runs the plan's operations through one coordinator, logging what it is told."""
 
-    def __init__(self, args: argparse.Namespace, state: crash_worker._State,
+    def __init__(self, args: argparse.Namespace, state: crash_worker.CrashState,
                  ops: list[OpState]) -> None:
         self.args = args
         self.state = state
@@ -218,33 +151,23 @@ class Client:
 
     # -- hooks -----------------------------------------------------------------
 
-    def install(self) -> None:
-        """The crash hooks of ``tests/crash/worker.py``, plus a record of every gid right
-        before its PREPARE (so that recovery's work can be traced to attempts)."""
-        crash_worker._install(self.state)
-        client = self
-        their_prepare = coordinator._postgres.prepare
+    def on_step(self, step: Step, gid: str | None) -> None:
+        """``CoordinatorConfig.on_step``: the crash hooks of ``tests/crash/worker.py``, plus
+        a record of every gid right before its PREPARE (so that recovery's work can be
+        traced to attempts)."""
+        if step is Step.BEFORE_PREPARE and self.current is not None:
+            op, attempt = self.current
+            self.state.emit(event="gid", op=op, attempt=attempt, gid=gid)
+        self.state.on_step(step, gid)
 
-        def prepare(conn: Any, gid: str, *args: Any, **kwargs: Any) -> Any:
-            if client.current is not None:
-                op, attempt = client.current
-                client.state.emit(event="gid", op=op, attempt=attempt, gid=gid)
-            return their_prepare(conn, gid, *args, **kwargs)
-
-        setattr(coordinator._postgres, "prepare", prepare)  # noqa: B010 - monkeypatching on purpose
-
-        # Count the decision records per Kafka transaction (more than one: a shared
-        # group commit), reported every 20 transactions and at the end.
-        for module in (coordinator._committer, coordinator._group):
-            real = module.run_transaction
-
-            def counted(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
-                decisions = args[2] if len(args) > 2 else kwargs["decisions"]
-                result = _real(*args, **kwargs)
-                client.count_kafka_transaction(len(list(decisions)))
-                return result
-
-            setattr(module, "run_transaction", counted)  # noqa: B010
+    def producer_factory(self, conf: dict[str, Any]) -> CountingProducer:
+        """``CoordinatorConfig.producer_factory``: producers with the crash hooks of
+        ``tests/crash/worker.py`` that count the decision records per Kafka transaction."""
+        producer = crash_worker.crashing_producers(self.state, CountingProducer)(conf)
+        assert isinstance(producer, CountingProducer)
+        producer.on_transaction = self.count_kafka_transaction
+        producer.decision_topic = str(self.args.decision_topic)
+        return producer
 
     def count_kafka_transaction(self, members: int) -> None:
         with self._sizes_lock:
@@ -383,58 +306,8 @@ class Client:
                         error=None if told == "committed" else op.attempts[-1])
 
 
-def resume(path: Path, plan: list[dict[str, Any]],
-           emit: Callable[..., None]) -> list[OpState]:
-    """The operations still to do, from the plan and what the log says happened.
-
-    An attempt with no ``result`` was interrupted by a kill: it is recorded as ``killed``
-    now. Operations with a final ``op`` record are done.
-    """
-    lines: list[dict[str, Any]] = []
-    if path.exists():
-        for raw in path.read_text(encoding="utf-8").splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except ValueError:
-                continue  # torn by the kill
-    done = {ln["op"] for ln in lines if ln.get("event") == "op"}
-    attempts: dict[str, list[str]] = {}
-    open_attempt: dict[str, int] = {}
-    crashed: set[str] = set()
-    for ln in lines:
-        ev, op = ln.get("event"), str(ln.get("op"))
-        if ev == "attempt":
-            attempts.setdefault(op, [])
-            open_attempt[op] = int(ln["attempt"])
-        elif ev == "result":
-            attempts.setdefault(op, []).append(str(ln["told"]))
-            open_attempt.pop(op, None)
-        elif ev in ("crash", "pause"):
-            crashed.add(op)
-    out: list[OpState] = []
-    for spec in plan:
-        op_id = str(spec["op"])
-        if op_id in done:
-            continue
-        st = OpState(spec, list(attempts.get(op_id, [])), crashed=op_id in crashed)
-        if op_id in open_attempt:
-            emit(event="result", op=op_id, attempt=open_attempt[op_id], told="killed",
-                 error="killed", detail="the client process was killed during this attempt",
-                 phase=None, gid=None, status=None, t=time.time())
-            st.attempts.append("killed")
-        if st.attempts:
-            st.first_at = time.monotonic()
-            final = st.final()
-            if final is not None:
-                emit(event="op", op=op_id, told=final, attempts=len(st.attempts),
-                     error=None if final == "committed" else st.attempts[-1])
-                continue
-        out.append(st)
-    return out
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m faults.workload", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tests.faults.workload", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", required=True, help="JSON: {\"ops\": [{op, kind, idem, crash, "
                    "kill_delay_us}, ...]}")
@@ -459,6 +332,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="CoordinatorConfig(group_commit=GroupCommit())")
     p.add_argument("--recover-own", action="store_true",
                    help="run recovery.recover_own right after the coordinator opened")
+    p.add_argument("--no-clock-check", action="store_true",
+                   help="CoordinatorConfig(max_clock_skew_seconds=None): for a client run "
+                   "with a skewed clock (the clock-skew fault), which the start-up check "
+                   "would refuse")
     return p
 
 
@@ -475,7 +352,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = ThreadState(out, "none", "")
     ops = resume(log_path, plan, state.emit)
     client = Client(args, state, ops)
-    client.install()
     kafka = {"bootstrap.servers": args.bootstrap}
     config = CoordinatorConfig(
         decision_topic=DecisionTopic(name=args.decision_topic,
@@ -484,15 +360,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         transaction_timeout_ms=args.transaction_timeout_ms,
         kafka_timeout=10.0,
         startup_timeout=20.0,
-        producer_factory=crash_worker.CrashingProducer,
-        # Some workers run with a skewed clock on purpose (the clock-skew fault): the
-        # start-up check would refuse them, and no guarantee depends on clocks.
-        max_clock_skew_seconds=None,
+        producer_factory=client.producer_factory,
+        on_step=client.on_step,
         connection_timeout=10.0,
         pool_max_size=max(4, 2 * args.threads),
         idempotency_wait_ms=1000,
         group_commit=GroupCommit() if args.group_commit else None,
     )
+    if args.no_clock_check:
+        config = dataclasses.replace(config, max_clock_skew_seconds=None)
     coord = Coordinator(args.postgres, kafka, args.name, instance=args.instance, config=config)
     coord.open()  # fails (non-zero exit) while a service is down: the campaign retries
     state.emit(event="start", pid=os.getpid(), instance=args.instance, todo=len(ops),

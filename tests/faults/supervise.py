@@ -1,0 +1,337 @@
+"""Process supervision: each phase's client processes (``tests/faults/workload.py``),
+started, watched and started again after a kill (with the same instance id, as an
+orchestrator would), with the phase's injectors and recovery loops alongside."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from .injectors import CYCLES, ENV_KINDS, Injector
+from .recoveries import Recoveries
+from .report import Journal, say
+from .settings import (
+    NAME,
+    OVERSIZE_LIMIT,
+    PACED_KINDS,
+    PYTHON,
+    ROOT,
+    STORM_KINDS,
+    CampaignError,
+    Settings,
+)
+from .stack import Services, clock_skew_env, heal, kill_broker, stop_postgres
+from .toxiproxy import Toxiproxy
+
+__all__ = ["Campaign", "Slot"]
+
+
+@dataclass
+class Slot:
+    index: int
+    instance: str
+    plan: Path
+    log: Path
+    stderr: Path
+    recover_own: bool
+    proc: subprocess.Popen[bytes] | None = None
+    err: IO[bytes] | None = None
+    done: bool = False
+    restart_at: float = 0.0
+    starts: int = 0
+    failures_in_a_row: int = 0
+    killed: int = 0
+    ready: bool = False
+    """The current process has opened its coordinator (its ``start`` record is logged)."""
+    log_pos: int = 0
+
+
+class Campaign:
+    """The phases: their client processes, supervised and restarted, their injectors; the
+    :class:`~tests.faults.injectors.Lab` the injectors act through."""
+
+    def __init__(self, s: Settings, services: Services, table: str, topic: str,
+                 decision_topic: str, out: Path, journal: Journal,
+                 recoveries: Recoveries) -> None:
+        self.s = s
+        self.services = services
+        self.table = table
+        self.topic = topic
+        self.decision_topic = decision_topic
+        self.out = out
+        self.journal = journal
+        self.recoveries = recoveries
+        self.brokers = s.brokers
+        self.toxiproxy = Toxiproxy(services.toxiproxy_url)
+        self.storm_grace = s.storm_grace
+        self.slots: list[Slot] = []
+        self._lock = threading.Lock()
+        self._pace = 0.0
+        self.stopped: set[int] = set()
+        """Worker pids this process stopped (SIGSTOP) and has not continued yet."""
+        self.skew_env: dict[str, dict[str, str]] = {}
+        """instance -> environment that runs it under libfaketime (clock-skew phase)."""
+
+    # -- Lab protocol (injectors) --------------------------------------------------------
+
+    def event(self, fault: str, **detail: object) -> None:
+        self.journal.event(fault, **detail)
+
+    def alive_workers(self, ready_only: bool = True) -> list[tuple[str, int]]:
+        """Running worker processes; ``ready_only``: those past their start-up."""
+        with self._lock:
+            return [(sl.instance, sl.proc.pid) for sl in self.slots
+                    if sl.proc is not None and sl.proc.poll() is None
+                    and (sl.ready or not ready_only)]
+
+    def in_attempt(self, instance: str) -> bool:
+        """Whether the worker's last log record says it is inside an attempt."""
+        sl = next((x for x in self.slots if x.instance == instance), None)
+        if sl is None:
+            return False
+        try:
+            with sl.log.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 2048))
+                tail = f.read().splitlines()
+        except OSError:
+            return False
+        last = tail[-1] if tail else b""
+        return b'"event": "attempt"' in last or b'"event": "gid"' in last
+
+    def kill_worker(self, instance: str, pid: int) -> bool:
+        """SIGKILL the worker process ``pid`` if it is still that slot's live process."""
+        with self._lock:
+            sl = next((x for x in self.slots if x.instance == instance), None)
+            if sl is None or sl.proc is None or sl.proc.pid != pid or sl.proc.poll() is not None:
+                return False
+            sl.proc.kill()
+            return True
+
+    def pause_worker(self, instance: str, pid: int, seconds: float) -> bool:
+        """SIGSTOP the worker process ``pid`` (if it is still that slot's live process) for
+        ``seconds``, then SIGCONT it."""
+        with self._lock:
+            sl = next((x for x in self.slots if x.instance == instance), None)
+            if sl is None or sl.proc is None or sl.proc.pid != pid or sl.proc.poll() is not None:
+                return False
+            os.kill(pid, signal.SIGSTOP)
+            self.stopped.add(pid)
+        try:
+            time.sleep(seconds)
+        finally:
+            self._continue(pid)
+        return True
+
+    def _continue(self, pid: int) -> None:
+        with self._lock:
+            self.stopped.discard(pid)
+            sl = next((x for x in self.slots if x.proc is not None and x.proc.pid == pid),
+                      None)
+            if sl is not None and sl.proc is not None and sl.proc.poll() is None:
+                os.kill(pid, signal.SIGCONT)
+
+    def continue_all(self) -> None:
+        """SIGCONT every live worker: those this process stopped, and those that stopped
+        themselves at an armed pause (their waker would wake them too)."""
+        with self._lock:
+            procs = [sl.proc for sl in self.slots if sl.proc is not None]
+            self.stopped.clear()
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)
+
+    def kill_broker_now(self, broker: int) -> None:
+        kill_broker(self.s.stack_dir, broker)
+
+    def stop_postgres_now(self) -> None:
+        stop_postgres(self.s.stack_dir)
+
+    # -- workers -------------------------------------------------------------------------
+
+    def _command(self, sl: Slot) -> list[str]:
+        cmd = [PYTHON, "-m", "tests.faults.workload", "--plan", str(sl.plan), "--log", str(sl.log),
+               "--postgres", self.services.proxy_dsn, "--bootstrap",
+               self.services.proxy_bootstrap, "--name", NAME, "--instance", sl.instance,
+               "--topic", self.topic, "--table", self.table, "--decision-topic",
+               self.decision_topic, "--messages-per-op", str(self.s.messages_per_op),
+               "--pace", str(self._pace), "--threads", str(self.s.threads),
+               "--oversize-bytes", str(2 * OVERSIZE_LIMIT)]
+        if self.s.group_commit:
+            # One producer: every transaction of the process in flight together shares
+            # its Kafka transaction.
+            cmd += ["--group-commit", "--producers", "1"]
+        if sl.recover_own:
+            cmd.append("--recover-own")
+        if sl.instance in self.skew_env:
+            # Its clock is skewed on purpose: the coordinator's start-up check would refuse.
+            cmd.append("--no-clock-check")
+        return cmd
+
+    def _start(self, sl: Slot) -> None:
+        if sl.err is None:
+            sl.err = sl.stderr.open("ab")
+        sl.ready = False
+        sl.log_pos = sl.log.stat().st_size if sl.log.exists() else 0
+        env = {**os.environ, **self.skew_env.get(sl.instance, {})}
+        sl.proc = subprocess.Popen(self._command(sl), cwd=ROOT, stdin=subprocess.DEVNULL,
+                                   stdout=sl.err, stderr=sl.err, env=env)
+        sl.starts += 1
+
+    def run_phase(self, idx: int, kind: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+        s = self.s
+        self.journal.phase = kind
+        self.journal.faults_per_kind.setdefault(kind, 0)
+        pdir = self.out / f"phase-{idx:02d}"
+        pdir.mkdir(parents=True, exist_ok=True)
+        env_fault = kind in ENV_KINDS or kind in PACED_KINDS
+        self.skew_env = clock_skew_env(s) if kind == "clock-skew" else {}
+        # Faults come in cycles through the phase: the operations are spread over it.
+        self._pace = ((s.phase_seconds * s.workers * s.threads / max(1, len(ops)))
+                      if env_fault else 0.0)
+        slots = []
+        for w in range(s.workers):
+            mine = ops[w::s.workers]
+            plan = pdir / f"plan-w{w}.json"
+            plan.write_text(json.dumps({"ops": mine}, indent=1))
+            slots.append(Slot(w, f"w{w}", plan, pdir / f"log-w{w}.jsonl",
+                              pdir / f"stderr-w{w}.log", recover_own=w % 2 == 0))
+        with self._lock:
+            self.slots = slots
+        started = time.monotonic()
+        say(f"phase {idx + 1}/{len(s.faults)}: {kind}: {len(ops)} ops, {s.workers} workers"
+            + (f" x {s.threads} threads" if s.threads > 1 else "")
+            + (f", pace {self._pace:.2f} s/op/worker" if self._pace else ""))
+        for sl in slots:
+            self._start(sl)
+        stop = threading.Event()
+        threads: list[threading.Thread] = []
+        if kind in CYCLES or kind == "mixed":
+            rng = random.Random(f"{s.seed}/{idx}/{kind}")
+            injector = Injector(self, rng, stop)
+            for n in range(2 if kind == "mixed" else 1):
+                t = threading.Thread(target=injector.loop, args=(kind,), daemon=True,
+                                     name=f"inject-{kind}-{n}")
+                t.start()
+                threads.append(t)
+        if kind in STORM_KINDS:
+            t = threading.Thread(target=self.recoveries.storm_loop, args=(stop,), daemon=True,
+                                 name="recovery-storm")
+            t.start()
+            threads.append(t)
+        if kind == "operator-mistake":
+            t = threading.Thread(target=self.recoveries.mistake_loop, args=(stop, idx), daemon=True,
+                                 name="operator-mistakes")
+            t.start()
+            threads.append(t)
+        deadline = started + max(300.0, 6 * s.phase_seconds) + 2.0 * len(ops)
+        timed_out = False
+        try:
+            while not all(sl.done for sl in slots):
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                self._supervise(slots)
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(400)
+            self.continue_all()
+            if kind == "clock-skew":
+                self._check_skew(slots)
+            if kind in STORM_KINDS:
+                self.event("storm", runs=self.recoveries.storm_runs[kind], counts=False)
+            for sl in slots:
+                if sl.proc is not None and sl.proc.poll() is None:
+                    sl.proc.kill()
+                    sl.proc.wait()
+                if sl.err is not None:
+                    sl.err.close()
+            heal(s, self.services.toxiproxy_url)
+        elapsed = time.monotonic() - started
+        restarts = sum(sl.starts - 1 for sl in slots)
+        say(f"phase {kind} done in {elapsed:.0f} s: {restarts} restarts"
+            f", {self.journal.faults_per_kind.get(kind, 0)} injected faults"
+            + (" -- TIMED OUT" if timed_out else ""))
+        return {"phase": kind, "seconds": round(elapsed, 1), "restarts": restarts,
+                "timed_out": timed_out}
+
+    def _supervise(self, slots: list[Slot]) -> None:
+        now = time.monotonic()
+        for sl in slots:
+            if sl.done:
+                continue
+            if sl.proc is not None:
+                rc = sl.proc.poll()
+                if rc is None:
+                    if not sl.ready:
+                        sl.ready = _started(sl)
+                    continue
+                sl.proc = None
+                if rc == 0 and _log_ended(sl.log):
+                    sl.done = True
+                    continue
+                if rc < 0:
+                    sl.killed += 1
+                    sl.failures_in_a_row = 0
+                    sl.restart_at = now + random.uniform(0.05, 0.5)
+                else:
+                    sl.failures_in_a_row += 1
+                    if sl.failures_in_a_row >= 60:
+                        raise CampaignError(f"worker {sl.instance} failed {sl.failures_in_a_row}"
+                                            f" times in a row; see {sl.stderr}")
+                    sl.restart_at = now + 1.0
+            if sl.proc is None and now >= sl.restart_at:
+                self._start(sl)
+
+    def _check_skew(self, slots: list[Slot]) -> None:
+        """Record how far the skewed workers' clocks really were off (their ``start``
+        records carry their time.time() and are written at about the campaign's time)."""
+        for sl in slots:
+            if sl.instance not in self.skew_env:
+                continue
+            try:
+                raw = sl.log.read_text(encoding="utf-8").splitlines()
+            except OSError:
+                continue
+            seen = []
+            for line in raw:
+                with contextlib.suppress(ValueError):
+                    ln = json.loads(line)
+                    if ln.get("event") in ("attempt", "start", "result") and "t" in ln:
+                        seen.append(float(ln["t"]))
+            if seen:
+                # Written up to the end of the phase: about the skew, a little less.
+                self.event("clock-skew", worker=sl.instance, counts=False,
+                           faketime=self.skew_env[sl.instance].get("FAKETIME"),
+                           clock_offset_seen=round(max(seen) - time.time(), 1),
+                           records=len(seen))
+
+
+def _started(sl: Slot) -> bool:
+    """Whether the slot's current process logged its ``start`` record."""
+    try:
+        with sl.log.open("rb") as f:
+            f.seek(sl.log_pos)
+            new = f.read()
+    except OSError:
+        return False
+    return b'"event": "start"' in new
+
+
+def _log_ended(path: Path) -> bool:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return False
+    return any('"event": "end"' in ln for ln in lines[-3:])
