@@ -26,8 +26,9 @@ from ._errmap import (
     kafka_startup_error,
     pg_startup_error,
 )
+from ._outcomes import TopicUnusable
 from ._producers import ProducerPool, ProducerSlot
-from ._transaction import Transaction, _TopicUnusable
+from ._transaction import Transaction
 from .config import CoordinatorConfig, default_instance
 from .decision_log import (
     DecisionLog,
@@ -369,7 +370,7 @@ class Coordinator:
         return self._pool, self._committer
 
     def _check_topics(self, topics: set[str]) -> None:
-        """Raise ``_TopicUnusable`` unless every topic exists (cached once seen)."""
+        """Raise ``TopicUnusable`` unless every topic exists (cached once seen)."""
         unknown = topics - self._known_topics
         if not unknown or not self.config.check_topics or self._admin is None:
             return
@@ -377,12 +378,12 @@ class Coordinator:
             try:
                 md = self._admin.list_topics(topic, timeout=self.config.kafka_timeout)
             except KafkaException as exc:
-                raise _TopicUnusable(f"cannot check Kafka topic {topic!r}: "
+                raise TopicUnusable(f"cannot check Kafka topic {topic!r}: "
                                      f"{describe(exc)}") from None
             t = md.topics.get(topic)
             if t is None or t.error is not None or not t.partitions:
                 reason = t.error.str() if t is not None and t.error is not None else "missing"
-                raise _TopicUnusable(f"Kafka topic {topic!r} does not exist ({reason})")
+                raise TopicUnusable(f"Kafka topic {topic!r} does not exist ({reason})")
             self._known_topics.add(topic)
 
 

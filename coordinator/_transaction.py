@@ -1,8 +1,7 @@
 """One coordinated transaction: the context manager the user's block runs in.
 
 The steps are the protocol's (``_protocol.py``); this module does the I/O
-around them and builds every error the caller can get, at the bottom of the
-file, in one place.
+around them. Every error the caller can get is built in ``_outcomes.py``.
 """
 
 from __future__ import annotations
@@ -25,15 +24,20 @@ from ._consumed import ConsumedBatch, rewind
 from ._enums import Phase, Status, Step
 from ._errmap import describe, is_connection_error, pg_prepare_error
 from ._kafka import KafkaResult, StagedMessage
+from ._outcomes import (
+    TopicUnusable,
+    after_kafka_error,
+    before_prepare_reason,
+    committed_pending,
+    rolled_back,
+    unavailable,
+)
 from ._protocol import Event, Protocol, Then
 from .decision_log import DecisionRecord
 from .errors import (
-    CommittedPendingRecovery,
     Diverged,
-    Error,
     OutcomeUnknown,
     RolledBack,
-    ServiceUnavailable,
     UsageError,
 )
 from .gid import Gid
@@ -140,7 +144,7 @@ class Transaction:
         except BaseException as exc:
             self._abandon(Event.BLOCK_FAILED)
             if isinstance(exc, psycopg.Error):
-                raise _unavailable(exc) from exc
+                raise unavailable(exc) from exc
             raise
         return self
 
@@ -156,7 +160,7 @@ class Transaction:
                 conn: Connection = pool.getconn(timeout=self._coord.config.connection_timeout)
             except Exception as exc:
                 self._protocol.fire(Event.BEGIN_FAILED)
-                raise _unavailable(exc, "no PostgreSQL connection") from None
+                raise unavailable(exc, "no PostgreSQL connection") from None
             self._conn_autocommit = conn.autocommit
             try:
                 if conn.info.transaction_status != TransactionStatus.IDLE:
@@ -170,7 +174,7 @@ class Transaction:
                     log.info("discarding a broken pooled connection (%s)", describe(exc))
                     continue
                 self._protocol.fire(Event.BEGIN_FAILED)
-                raise _unavailable(exc) from exc
+                raise unavailable(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def __exit__(
@@ -190,14 +194,14 @@ class Transaction:
         try:
             self._commit()
         except BaseException:
-            if self._rolled_back:
+            if self._is_rolled_back:
                 self._rewind()  # the batch is delivered again
             raise
         finally:
             self._release()
 
     @property
-    def _rolled_back(self) -> bool:
+    def _is_rolled_back(self) -> bool:
         return self._protocol.status is Status.ROLLED_BACK
 
     def _rewind(self) -> None:
@@ -245,7 +249,7 @@ class Transaction:
         if state != TransactionStatus.INTRANS:
             self._abandon(Event.BLOCK_FAILED)
             if state == TransactionStatus.INERROR:
-                raise _rolled_back("a statement inside the block failed", Phase.EXECUTE)
+                raise rolled_back("a statement inside the block failed", Phase.EXECUTE)
             raise UsageError("the block ended the PostgreSQL transaction itself (commit() or "
                              "rollback() on tx.connection); its work is NOT coordinated",
                              phase=Phase.EXECUTE)
@@ -256,9 +260,9 @@ class Transaction:
         try:
             coord._check_topics({m.topic for m in self._messages})
             ticket = committer.join(coord.config.connection_timeout)
-        except (TimeoutError, KafkaException, _TopicUnusable) as exc:
+        except (TimeoutError, KafkaException, TopicUnusable) as exc:
             self._abandon(Event.FAILED_BEFORE_COMMIT)
-            raise _rolled_back(_before_prepare_reason(exc), Phase.PRODUCE,
+            raise rolled_back(before_prepare_reason(exc), Phase.PRODUCE,
                                gid=self._log_id) from None
         try:
             self._prepare(conn, ticket)
@@ -303,7 +307,7 @@ class Transaction:
                 # outcome is rollback. "Gone" proves nothing here: a PREPARE still in
                 # progress is not visible yet, and recovery will roll it back.
                 done = self._rollback_prepared() is Finish.DONE
-                raise _rolled_back(f"connection lost at PREPARE ({describe(exc)})",
+                raise rolled_back(f"connection lost at PREPARE ({describe(exc)})",
                                    Phase.PREPARE, gid=str(gid), complete=done) from exc
             if isinstance(exc, _postgres.NotPrepared):
                 self._rollback_prepared()  # cannot be prepared; costs nothing to be sure
@@ -321,7 +325,7 @@ class Transaction:
             try:
                 self._step(Step.AFTER_KAFKA_COMMIT)
             except Exception as exc:  # committed all the same: say so
-                raise _committed_pending(exc, gid) from exc
+                raise committed_pending(exc, gid) from exc
             self._finish_commit()
             return
         complete = True
@@ -333,7 +337,7 @@ class Transaction:
             log.error("gid=%s Kafka commit outcome unknown (%s); PostgreSQL left prepared "
                       "for recovery", gid, result.detail)
         assert step.error is not None
-        raise _after_kafka_error(step.error, result, gid, step.phase, complete) from result.error
+        raise after_kafka_error(step.error, result, gid, step.phase, complete) from result.error
 
     def _rollback_prepared(self) -> Finish | None:
         """ROLLBACK PREPARED after Kafka did not commit; ``None`` when it failed
@@ -355,7 +359,7 @@ class Transaction:
         except Exception as exc:
             log.error("gid=%s COMMITTED in Kafka but COMMIT PREPARED failed (%s); recovery "
                       "will commit the PostgreSQL side", self.gid, describe(exc))
-            raise _committed_pending(exc, self.gid) from exc
+            raise committed_pending(exc, self.gid) from exc
         if result is Finish.GONE:
             # Gone is not success on its own: ask PostgreSQL what became of it.
             fate = self._fate()
@@ -407,53 +411,9 @@ class Transaction:
                         phase=Phase.PG_COMMIT, kafka_committed=kafka_committed)
 
 
-class _TopicUnusable(Exception):
-    """A target topic is missing or cannot be checked (raised by the coordinator)."""
-
-
 def _to_bytes(v: str | bytes) -> bytes:
     return v.encode() if isinstance(v, str) else bytes(v)
 
 
 def _to_bytes_opt(v: str | bytes | None) -> bytes | None:
     return None if v is None else _to_bytes(v)
-
-
-# -- the errors a caller gets, built in one place ---------------------------------
-
-
-def _rolled_back(reason: str, phase: Phase, *, gid: str | None = None,
-                 complete: bool = True) -> RolledBack:
-    return RolledBack(
-        f"{reason}; rolled back, nothing published"
-        + ("" if complete else "; ROLLBACK PREPARED is left to recovery"),
-        gid=gid, phase=phase, complete=complete)
-
-
-def _before_prepare_reason(exc: BaseException) -> str:
-    if isinstance(exc, _TopicUnusable):
-        return str(exc)
-    return f"no Kafka producer session ({describe(exc)})"
-
-
-def _after_kafka_error(error: type[Error], result: KafkaResult, gid: str, phase: Phase,
-                       complete: bool) -> Error:
-    if error is RolledBack:
-        what = "produce" if phase is Phase.PRODUCE else "commit"
-        return _rolled_back(f"Kafka {what} failed ({result.detail})", phase, gid=gid,
-                            complete=complete)
-    return error(
-        f"the Kafka commit outcome is unknown ({result.detail}); the PostgreSQL "
-        "transaction stays prepared until the recovery worker decides it from the "
-        "decision log", gid=gid, phase=phase)
-
-
-def _committed_pending(exc: BaseException, gid: str | None) -> CommittedPendingRecovery:
-    return CommittedPendingRecovery(
-        f"the transaction is committed (Kafka commit point passed), but COMMIT "
-        f"PREPARED failed ({describe(exc)}); the recovery worker will commit the "
-        "PostgreSQL side. Do not retry the operation", gid=gid, phase=Phase.PG_COMMIT)
-
-
-def _unavailable(exc: BaseException, what: str = "PostgreSQL") -> ServiceUnavailable:
-    return ServiceUnavailable(f"{what}: {describe(exc)}", phase=Phase.BEGIN)

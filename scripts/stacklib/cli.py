@@ -17,6 +17,7 @@ from .common import (
     VENV_PYTHON,
     StackError,
     ensure_port_free,
+    require_command,
     say,
     stack_lock,
 )
@@ -40,6 +41,8 @@ def _install() -> tuple[str, Path]:
     java = kafka_install.ensure_java()
     libs = kafka_install.ensure_jars()
     postgres.ensure_installed()
+    # libfaketime: the tests run a coordinator with a skewed clock.
+    require_command("faketime", "faketime", "libfaketime (used by the clock-skew tests)")
     return java, libs
 
 

@@ -14,8 +14,8 @@ What it does:
 2. makes ``--count`` in-doubt transactions the way a crashing coordinator leaves them:
    several coordinators (``--instances`` x ``--producers`` transactional ids) run
    transactions from ``--threads`` threads; each inserts a row and produces a message,
-   PREPAREs, and then "crashes" at the Kafka commit (``tests/crash/indoubt.py`` wraps
-   ``coordinator._committer.run_transaction`` and raises a BaseException): half of them
+   PREPAREs, and then "crashes" at the Kafka commit (``tests/crash/indoubt.py``'s
+   ``on_step`` hook raises a BaseException): half of them
    before the Kafka transaction (no decision record: recovery must roll back), half after
    it committed (the decision record is in the log: recovery must commit);
 3. times ONE recovery run: the CLI as a subprocess (``python -m recovery --grace-seconds 0
@@ -89,7 +89,8 @@ def make_batch(dsn: str, kafka: dict[str, Any], label: str, count: int, instance
     coords = [
         Coordinator(dsn, kafka, batch.name, instance=f"b{i}", config=CoordinatorConfig(
             decision_topic=decision_topic, producers=producers,
-            pool_min_size=1, pool_max_size=producers + 2, startup_timeout=60.0))
+            pool_min_size=1, pool_max_size=producers + 2, startup_timeout=60.0,
+            on_step=indoubt.on_step))
         for i in range(instances)
     ]
     insert = sql.SQL("INSERT INTO {} (op_id) VALUES (%s)").format(sql.Identifier(TABLE))
@@ -258,44 +259,40 @@ def main() -> int:
                 conn.execute(sql.SQL("CREATE TABLE {} (op_id text PRIMARY KEY)").format(
                     sql.Identifier(TABLE)))
             create_topic(args.bootstrap, topic, partitions=6)
-            undo = indoubt.install()
-            try:
-                for mode in modes:
-                    label = f"{mode}{suffix}"
-                    say(f"{mode}: creating {args.count} in-doubt transactions "
-                        f"({args.instances} instances x {args.producers} producers, "
-                        f"{args.threads} threads)")
-                    batch = make_batch(cluster.dsn, kafka, label, args.count, args.instances,
-                                       args.producers, args.threads, decision_topic, topic)
-                    say(f"{mode}: created in {batch.seconds:.1f} s "
-                        f"({len(batch.commit)} with a decision record)")
-                    if mode == "cli":
-                        seconds, rc, report = run_cli(cluster.dsn, args.bootstrap, batch,
-                                                      decision_topic.name,
-                                                      BENCH_DIR / "recovery-cli.log")
-                        profile = ""
-                    else:
-                        seconds, rc, report, profile = run_in_process(
-                            cluster.dsn, args.bootstrap, batch, decision_topic.name,
-                            args.profile)
-                    problems = verify(cluster.dsn, args.bootstrap, topic, batch, label,
-                                      report)
-                    if rc != 0:
-                        problems.append(f"exit code {rc}")
-                    good = not problems and seconds <= args.target
-                    ok = ok and good
-                    verdict = "correct" if not problems else "WRONG: " + "; ".join(problems)
-                    line = (f"{mode}: {len(batch.ops)} in-doubt ({len(report['committed'])} "
-                            f"committed, {len(report['rolled_back'])} rolled back, "
-                            f"{len(report.get('fenced_transactional_ids', []))} "
-                            f"transactional.ids fenced) resolved in {seconds:.2f} s, exit "
-                            f"{rc}, {verdict}")
-                    results.append(line)
-                    print(f"bench_recovery {line}", flush=True)
-                    if profile:
-                        print(profile, file=sys.stderr)
-            finally:
-                undo()
+            for mode in modes:
+                label = f"{mode}{suffix}"
+                say(f"{mode}: creating {args.count} in-doubt transactions "
+                    f"({args.instances} instances x {args.producers} producers, "
+                    f"{args.threads} threads)")
+                batch = make_batch(cluster.dsn, kafka, label, args.count, args.instances,
+                                   args.producers, args.threads, decision_topic, topic)
+                say(f"{mode}: created in {batch.seconds:.1f} s "
+                    f"({len(batch.commit)} with a decision record)")
+                if mode == "cli":
+                    seconds, rc, report = run_cli(cluster.dsn, args.bootstrap, batch,
+                                                  decision_topic.name,
+                                                  BENCH_DIR / "recovery-cli.log")
+                    profile = ""
+                else:
+                    seconds, rc, report, profile = run_in_process(
+                        cluster.dsn, args.bootstrap, batch, decision_topic.name,
+                        args.profile)
+                problems = verify(cluster.dsn, args.bootstrap, topic, batch, label,
+                                  report)
+                if rc != 0:
+                    problems.append(f"exit code {rc}")
+                good = not problems and seconds <= args.target
+                ok = ok and good
+                verdict = "correct" if not problems else "WRONG: " + "; ".join(problems)
+                line = (f"{mode}: {len(batch.ops)} in-doubt ({len(report['committed'])} "
+                        f"committed, {len(report['rolled_back'])} rolled back, "
+                        f"{len(report.get('fenced_transactional_ids', []))} "
+                        f"transactional.ids fenced) resolved in {seconds:.2f} s, exit "
+                        f"{rc}, {verdict}")
+                results.append(line)
+                print(f"bench_recovery {line}", flush=True)
+                if profile:
+                    print(profile, file=sys.stderr)
         finally:
             delete_topics(args.bootstrap, [topic, decision_topic.name])
             if args.keep_cluster:
