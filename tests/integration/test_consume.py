@@ -13,7 +13,15 @@ import pytest
 from confluent_kafka import Consumer, Message
 
 import recovery
-from coordinator import Coordinator, PoisonMessage, RolledBack, Status, Step, Transaction
+from coordinator import (
+    Coordinator,
+    GroupCommit,
+    PoisonMessage,
+    RolledBack,
+    Status,
+    Step,
+    Transaction,
+)
 from recovery import RecoveryConfig
 from tests.integration.consume import Pipeline, pipeline
 from tests.integration.safety import Crash
@@ -95,10 +103,10 @@ def test_a_rolled_back_batch_is_delivered_again(env: Env) -> None:
     p.assert_exactly_once([f"m-{i}" for i in range(5)])
 
 
-def test_run_consumer_exactly_once(env: Env) -> None:
+def test_run_consumer_exactly_once(env: Env, group_commit: GroupCommit | None) -> None:
     p = pipeline(env)
     keys = p.feed(300)
-    coord = env.coordinator()
+    coord = env.coordinator(group_commit=group_commit)
     consumer = p.consumer()
     try:
         run_until(coord, p, consumer, 300, batch_size=40)
