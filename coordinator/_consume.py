@@ -28,6 +28,7 @@ from ._errmap import describe
 from ._transaction import Transaction
 from .errors import (
     CommittedPendingRecovery,
+    Diverged,
     Error,
     OutcomeUnknown,
     PoisonMessage,
@@ -103,6 +104,8 @@ class _Loop:
                 self._wait_decided(exc.gid)
                 self._rewind(messages)  # the committed offsets say which way it went
                 return
+            except (Diverged, PoisonMessage):
+                raise  # nothing to retry: a human must look
             except Error as exc:  # the coordinator's failure, not the handler's
                 rewound = True
                 failures_in_a_row += 1
