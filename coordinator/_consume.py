@@ -28,10 +28,12 @@ from ._errmap import describe
 from ._transaction import Transaction
 from .errors import (
     CommittedPendingRecovery,
+    ConfigurationError,
     Diverged,
     Error,
     OutcomeUnknown,
     PoisonMessage,
+    UsageError,
 )
 from .prepared import list_prepared
 
@@ -104,8 +106,8 @@ class _Loop:
                 self._wait_decided(exc.gid)
                 self._rewind(messages)  # the committed offsets say which way it went
                 return
-            except (Diverged, PoisonMessage):
-                raise  # nothing to retry: a human must look
+            except (Diverged, PoisonMessage, UsageError, ConfigurationError):
+                raise  # nothing to retry: a human (or the program) must act
             except Error as exc:  # the coordinator's failure, not the handler's
                 rewound = True
                 failures_in_a_row += 1
