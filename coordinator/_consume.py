@@ -7,7 +7,8 @@ alone; that message is retried up to ``max_attempts`` times and then written to
 the dead-letter topic in a transaction that also commits its offset (or, with no
 dead-letter topic, the loop stops with :class:`PoisonMessage`). Failures of the
 coordinator itself (PostgreSQL or Kafka unavailable, a rebalance fencing the
-batch) are not the handler's: the batch is retried as it is, after a pause.
+batch) are not the handler's: after a pause the consumer goes back to its
+committed offsets and consumes again (which also serves its group's events).
 After an unknown outcome the loop waits until recovery has decided, then goes
 on from the committed offsets, which say which way it went.
 """
@@ -84,19 +85,21 @@ class _Loop:
     decision_poll: float
     stats: ConsumerStats = field(default_factory=ConsumerStats)
     attempts: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    failures_in_a_row: int = 0
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Per partition, the offset this loop's own commits have reached."""
 
     def batch(self, messages: list[Message]) -> None:
         """Commit or dead-letter every message of a consumed batch, in order."""
         pending: list[list[Message]] = [messages]
         rewound = False
-        failures_in_a_row = 0
         while pending and not self.stop.is_set():
             part = self._owned(pending.pop(0))
             if not part:
                 continue
             try:
                 self._commit(part)
-                failures_in_a_row = 0
+                self.failures_in_a_row = 0
                 continue
             except _HandlerFailed as exc:
                 rewound = True
@@ -104,21 +107,24 @@ class _Loop:
                 pending[:0] = self._after_handler_failure(part, exc.cause)
             except OutcomeUnknown as exc:
                 self._wait_decided(exc.gid)
-                self._rewind(messages)  # the committed offsets say which way it went
-                return
+                break  # the committed offsets say which way it went
             except (Diverged, PoisonMessage, UsageError, ConfigurationError):
                 raise  # nothing to retry: a human (or the program) must act
-            except Error as exc:  # the coordinator's failure, not the handler's
-                rewound = True
-                failures_in_a_row += 1
+            except Error as exc:
+                # The coordinator's failure, not the handler's (a service down, a
+                # rebalance fencing the batch): go back to the committed offsets and
+                # consume again, which also serves the consumer's group events.
+                self.failures_in_a_row += 1
                 self.stats.retries += 1
-                log.warning("batch of %d rolled back (%s); retrying", len(part), exc)
-                self.sleep(min(5.0, 0.1 * 2 ** failures_in_a_row))
-                pending.insert(0, part)
-        if rewound or self.stop.is_set():
-            # Failed transactions rewound the consumer; move it to the committed offsets
-            # (past everything committed or dead-lettered, at anything that was not).
-            self._rewind(messages)
+                log.warning("batch of %d rolled back (%s); consuming it again", len(part), exc)
+                self.sleep(min(5.0, 0.1 * 2 ** self.failures_in_a_row))
+                break
+        else:
+            if not rewound and not self.stop.is_set():
+                return
+        # Failed transactions rewound the consumer; move it to the committed offsets
+        # (past everything committed or dead-lettered, at anything that was not).
+        self._rewind(messages)
 
     def _commit(self, part: list[Message]) -> None:
         try:
@@ -129,8 +135,14 @@ class _Loop:
                     raise _HandlerFailed(exc) from exc
         except CommittedPendingRecovery:
             pass  # committed: only COMMIT PREPARED is left to recovery
+        self._committed(part)
         self.stats.batches += 1
         self.stats.messages += len(part)
+
+    def _committed(self, part: Sequence[Message]) -> None:
+        for m in part:
+            key = (str(m.topic()), int(m.partition() or 0))
+            self.committed[key] = max(self.committed.get(key, 0), int(m.offset() or 0) + 1)
 
     def _after_handler_failure(self, part: list[Message],
                                cause: BaseException) -> list[list[Message]]:
@@ -168,6 +180,7 @@ class _Loop:
         with self.coord.transaction(consumer=self.consumer, consumed=[msg]) as tx:
             tx.produce(self.dead_letter_topic, value=msg.value(), key=msg.key(),
                        headers=headers)
+        self._committed([msg])
         self.stats.batches += 1
         self.stats.messages += 1
         self.stats.dead_lettered += 1
@@ -185,10 +198,14 @@ class _Loop:
         return [m for m in part if (m.topic(), m.partition()) in assigned]
 
     def _rewind(self, messages: Sequence[Message]) -> None:
+        # Where to go if the group's committed offsets cannot be read: the batch's
+        # first offsets, but never back over what this loop committed itself.
         first: dict[tuple[str, int], int] = {}
         for m in messages:
             key = (str(m.topic()), int(m.partition() or 0))
             first[key] = min(first.get(key, int(m.offset() or 0)), int(m.offset() or 0))
+        for key in first:
+            first[key] = max(first[key], self.committed.get(key, 0))
         rewind(self.consumer, first, self.coord.config.kafka_timeout)
 
     def _wait_decided(self, gid: str | None) -> None:

@@ -49,10 +49,11 @@ class ConsumedBatch:
 
 
 def rewind(consumer: Consumer, first: dict[tuple[str, int], int], timeout: float) -> None:
-    """Seek each partition back to its committed offset (the batch's first offset
-    where the group has none yet), so that what did not commit is delivered again.
-    Partitions no longer assigned are left to their new owner, which starts from the
-    committed offsets."""
+    """Seek each partition back to the group's committed offset, so that what did
+    not commit is delivered again. ``first`` is where to go when the group has no
+    offset yet or its offsets cannot be read: the lowest offset known not to be
+    committed. Partitions no longer assigned are left to their new owner, which
+    starts from the committed offsets."""
     if not first:
         return
     try:
