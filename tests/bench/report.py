@@ -94,10 +94,11 @@ class Cell:
 Cells = dict[tuple[str, int], Cell]
 
 
-def aggregate(results: Sequence[RunResult]) -> Cells:
+def aggregate(results: Sequence[RunResult], order: Sequence[str] = ALL_PATHS) -> Cells:
+    """Medians by (path, concurrency), sorted by concurrency, then ``order``."""
     cells: Cells = {}
     keys = sorted({(r.path, r.concurrency) for r in results},
-                  key=lambda k: (k[1], ALL_PATHS.index(k[0])))
+                  key=lambda k: (k[1], list(order).index(k[0])))
     for key in keys:
         rs = [r for r in results if (r.path, r.concurrency) == key]
         tp = [r.throughput for r in rs]
