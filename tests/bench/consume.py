@@ -32,7 +32,14 @@ import psycopg
 from confluent_kafka import Producer
 from psycopg import sql
 
-from .consume_paths import CONSUME_PATHS, AtLeastOnce, ExactlyOnce, Stage, open_consumer
+from .consume_paths import (
+    CONSUME_PATHS,
+    AtLeastOnce,
+    ExactlyOnce,
+    Stage,
+    StageConsumer,
+    open_consumer,
+)
 from .consume_report import consume_ratios, markdown, ratio_line
 from .cpu import CpuMeter, ProcessCpu, cpu_delta
 from .env import (
@@ -94,16 +101,38 @@ class _Db:
             conn.execute(sql.SQL("TRUNCATE {}, {}").format(
                 sql.Identifier(self.tables.rows), sql.Identifier(self.dedup)))
 
+    def count(self) -> int:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                sql.Identifier(self.tables.rows))).fetchone()
+            return int(row[0]) if row else -1
+
     def drop(self) -> None:
         self.tables.drop()
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(self.dedup)))
 
 
+def _check(stage: Stage, consumer: StageConsumer, db: _Db) -> bool:
+    """Every message the stage finished has its row and its committed offset: rows ==
+    finished == the group's committed offsets (each measurement starts at offset 0)."""
+    finished = sum(n for n, _, _ in consumer.done) + consumer.pending
+    committed = consumer.committed(consumer.assignment(), 30)
+    offsets = sum(tp.offset for tp in committed if tp.offset >= 0)
+    rows = db.count()
+    if rows == finished == offsets:
+        return True
+    say(f"  ! {stage.name}: {finished} messages finished, {rows} rows, committed offsets "
+        f"add up to {offsets}")
+    return False
+
+
 def measure(stage: Stage, env: Services, topic: str, group: str, batch: int, run: int,
-            warmup: float, duration: float, input_n: int, procs: ProcessCpu) -> RunResult:
+            warmup: float, duration: float, input_n: int, procs: ProcessCpu,
+            db: _Db) -> RunResult:
     """One measurement: a new consumer group, ``warmup`` + ``duration`` seconds of the
-    stage; messages/s of the batches finished inside the measured window."""
+    stage; messages/s of the batches finished inside the measured window. Checked
+    afterwards: one row and one committed offset per finished message."""
     consumer = open_consumer(env.brokers, group, topic, stage.phases, stage.finish)
     stage.phases.reset()
     stop = threading.Event()
@@ -131,8 +160,11 @@ def measure(stage: Stage, env: Services, topic: str, group: str, batch: int, run
     elapsed = time.monotonic() - meter.t0
     by_proc = {k: v / elapsed for k, v in cpu_delta(procs0, procs.snapshot())}
     consumed = consumer.consumed
-    with contextlib.suppress(Exception):
-        consumer.close()
+    try:
+        ok = _check(stage, consumer, db)
+    finally:
+        with contextlib.suppress(Exception):
+            consumer.close()
     done = consumer.done
     inside = [(n, s, e) for n, s, e in done if w0 <= e <= w1]
     latencies = sorted(e - s for _, s, e in inside)
@@ -142,6 +174,8 @@ def measure(stage: Stage, env: Services, topic: str, group: str, batch: int, run
         "mean_batch": sum(n for n, _, _ in inside) / max(len(inside), 1),
     }
     extra.update({f"phase:{k}": v / batches * 1e3 for k, v in stage.phases.totals.items()})
+    if not ok:
+        extra["check_failed"] = 1.0
     if consumed >= input_n:
         extra["input_exhausted"] = 1.0
         say(f"  ! {stage.name} b={batch}: the input topic ran out ({input_n} messages); "
@@ -169,7 +203,7 @@ def _run_all(args: argparse.Namespace, env: Services, stages: list[Stage], topic
         db.truncate()
         group = f"pk2pc-bench-consume-{suffix}-{n}"
         r = measure(stage, env, topic, group, batch, run, warmup, duration,
-                    args.consume_input, procs)
+                    args.consume_input, procs, db)
         time.sleep(args.pause)
         return r
 

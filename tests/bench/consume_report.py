@@ -35,6 +35,8 @@ def ratio_line(ratios: dict[str, float]) -> str:
 
 def _notes(cell: Cell) -> str:
     notes = []
+    if cell.extra.get("check_failed"):
+        notes.append("rows / offsets check FAILED")
     if cell.extra.get("input_exhausted"):
         notes.append("input ran out")
     if cell.errors:
