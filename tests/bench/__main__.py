@@ -28,7 +28,8 @@ Usage (through ``scripts/bench``, which starts the local stack, or
 ``.venv/bin/python -m tests.bench`` from the repository root)::
 
     scripts/bench                 # full benchmark, writes docs/bench-results.*
-    scripts/bench --quick         # under two minutes, writes bench-results/
+    scripts/bench --quick         # under three minutes, writes bench-results/; ends
+                                  # with the consume path at batch 500
     scripts/bench --memory 300000 # RSS of the group-commit path over many operations
     scripts/bench --consume       # the consume path: messages/s of a consume-process-
                                   # produce stage, exactly once vs at least once vs an
@@ -41,9 +42,13 @@ line of the main mode is::
     twopc_group_vs_naive=R twopc_group_vs_outbox=R twopc_group_vs_per_op=R twopc_group_vs_pg_2pc=R
 
 (throughput of (d) over that of each path, at concurrency 32 or the highest
-concurrency measured; NaN for a path not measured). The last line of ``--consume``
-is ``consume_exactly_once_vs_at_least_once=R consume_exactly_once_vs_idempotent=R``
-(see ``consume.py``).
+concurrency measured; NaN for a path not measured); with ``--quick`` it ends with
+``consume_exactly_once_vs_at_least_once=R`` (the consume mode at batch 500 only).
+The last line of ``--consume`` is::
+
+    consume_exactly_once_vs_at_least_once=R consume_exactly_once_vs_idempotent=R
+
+((e)'s messages/s over (f)'s and (g)'s at the largest batch size; see ``consume.py``).
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="short runs (under two minutes); output to bench-results/")
+                    help="short runs (under three minutes); output to bench-results/")
     ap.add_argument("--runs", type=int, default=None, help="runs per figure (median)")
     ap.add_argument("--duration", type=float, default=None, help="seconds measured per run")
     ap.add_argument("--warmup", type=float, default=None,
@@ -105,6 +110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--consume-input", type=int, default=None, metavar="N",
                     help="input messages of --consume (default: enough for one "
                     "measurement at 40,000 messages/s)")
+    ap.add_argument("--no-consume", action="store_true",
+                    help="with --quick: skip the consume path at the largest batch size")
     args = ap.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 5

@@ -54,7 +54,7 @@ from .env import (
 from .loop import RunResult, percentile
 from .report import aggregate, machine_notes, server_notes, write_mode_report
 
-__all__ = ["main"]
+__all__ = ["main", "run_mode"]
 
 
 def prefill(brokers: str, topic: str, n: int, partitions: int) -> float:
@@ -229,9 +229,10 @@ def default_input(args: argparse.Namespace) -> int:
     return max(50_000, int(40_000 * seconds))
 
 
-def main(args: argparse.Namespace, out_dir: Path) -> int:
+def run_mode(args: argparse.Namespace, batches: list[int],
+             out_dir: Path) -> tuple[str, dict[str, float]]:
+    """Measure, write ``bench-consume.md/.json``; the report and the ratios."""
     env = Services.from_env()
-    batches = [int(x) for x in args.batch_sizes.split(",")]
     if args.consume_input is None:
         args.consume_input = default_input(args)
     suffix = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
@@ -277,7 +278,7 @@ def main(args: argparse.Namespace, out_dir: Path) -> int:
         "input_messages": args.consume_input, "elapsed_s": round(elapsed, 1),
         "loadavg_at_end": os.getloadavg(),
     }
-    md = markdown(cells, settings, notes, at, ratios, os.cpu_count() or 0)
+    md = markdown(cells, results, settings, notes, at, ratios, os.cpu_count() or 0)
     write_mode_report(out_dir, "consume", {
         "settings": settings, "machine": notes,
         "cells": [vars(c) for c in cells.values()],
@@ -285,6 +286,11 @@ def main(args: argparse.Namespace, out_dir: Path) -> int:
         "median_machine_cores_busy": statistics.median(
             r.machine_cores_busy for r in results),
     }, md)
+    return md, ratios
+
+
+def main(args: argparse.Namespace, out_dir: Path) -> int:
+    md, ratios = run_mode(args, [int(x) for x in args.batch_sizes.split(",")], out_dir)
     print(md)
     print(ratio_line(ratios))
     return 0

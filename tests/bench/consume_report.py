@@ -4,9 +4,12 @@ at each batch size, where each path's time goes, the CPU by process, the ratio l
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 from typing import Any
 
 from .consume_paths import CONSUME_LABELS
+from .loop import RunResult
 from .report import Cell, Cells
 
 __all__ = ["TARGET", "consume_ratios", "markdown", "ratio_line"]
@@ -60,15 +63,28 @@ def _table(cells: Cells) -> list[str]:
     return lines
 
 
-def _ratios_table(cells: Cells) -> list[str]:
-    lines = ["| batch | (e) / (f) | (e) / (g) | target (e) >= 0.8x (f) |",
-             "|---:|---:|---:|---|"]
+def _paired(results: Sequence[RunResult], other: str, batch: int) -> str:
+    """(e)'s messages/s over ``other``'s in the same run (the two measured next to each
+    other): min, median, max over the runs."""
+    by = {(r.path, r.run): r.throughput for r in results if r.concurrency == batch}
+    rs = sorted(by[("exactly_once", i)] / by[(other, i)] for p, i in by
+                if p == "exactly_once" and by.get((other, i)))
+    if not rs:
+        return "-"
+    return f"{rs[0]:.2f} / {statistics.median(rs):.2f} / {rs[-1]:.2f}"
+
+
+def _ratios_table(cells: Cells, results: Sequence[RunResult]) -> list[str]:
+    lines = ["| batch | (e) / (f), medians | (e) / (f) run by run: min / median / max | "
+             "(e) / (g), medians | (e) / (g) run by run | target (e) >= 0.8x (f) |",
+             "|---:|---:|---:|---:|---:|---|"]
     for b in sorted({b for _, b in cells}):
         ef = _ratio(cells, "exactly_once", "at_least_once", b)
         eg = _ratio(cells, "exactly_once", "idempotent", b)
         met = ("-" if b < TARGET_MIN_BATCH or math.isnan(ef)
                else "met" if ef >= TARGET else "**missed**")
-        lines.append(f"| {b} | {ef:.2f} | {eg:.2f} | {met} |")
+        lines.append(f"| {b} | {ef:.2f} | {_paired(results, 'at_least_once', b)} | "
+                     f"{eg:.2f} | {_paired(results, 'idempotent', b)} | {met} |")
     return lines
 
 
@@ -100,8 +116,8 @@ def _cpu_table(cells: Cells) -> list[str]:
     return lines
 
 
-def markdown(cells: Cells, settings: dict[str, Any], notes: dict[str, Any], at: int,
-             ratios: dict[str, float], cores: int) -> str:
+def markdown(cells: Cells, results: Sequence[RunResult], settings: dict[str, Any],
+             notes: dict[str, Any], at: int, ratios: dict[str, float], cores: int) -> str:
     s = settings
     md = [
         f"In {s['elapsed_s']:.0f} s. Each figure is the median of {s['runs']} interleaved "
@@ -114,7 +130,7 @@ def markdown(cells: Cells, settings: dict[str, Any], notes: dict[str, Any], at: 
         "",
         *_table(cells),
         "",
-        *_ratios_table(cells),
+        *_ratios_table(cells, results),
         "",
         f"At batch {at}: (e) / (f) = {ratios['at_least_once']:.2f}, (e) / (g) = "
         f"{ratios['idempotent']:.2f}.",

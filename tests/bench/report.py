@@ -56,7 +56,7 @@ def machine_notes() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(), "cpu_model": model, "memory": mem,
         "kernel": platform.release(), "python": platform.python_version(),
-        "confluent_kafka": confluent_kafka.version()[0],
+        "confluent_kafka": confluent_kafka.version(),
         "librdkafka": confluent_kafka.libversion()[0],
         "psycopg": psycopg.__version__,
         "loadavg_at_start": os.getloadavg(),
