@@ -62,6 +62,7 @@ from pathlib import Path
 from coordinator import CoordinatorConfig, GroupCommit
 
 from . import consume, memory, throughput
+from .consume_paths import CONSUME_PATHS
 from .env import DEFAULT_OUT, QUICK_OUT
 from .paths import PATHS
 
@@ -107,6 +108,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "least once, (g) an idempotent consumer, at each --batch-sizes")
     ap.add_argument("--batch-sizes", default="1,100,500",
                     help="batch sizes of --consume, comma-separated")
+    ap.add_argument("--consume-paths", default=",".join(CONSUME_PATHS),
+                    help="paths of --consume: a subset of " + ",".join(CONSUME_PATHS)
+                    + "; also the reference at_least_once_async (offsets committed "
+                    "asynchronously)")
     ap.add_argument("--consume-input", type=int, default=None, metavar="N",
                     help="input messages of --consume (default: enough for one "
                     "measurement at 40,000 messages/s)")

@@ -33,7 +33,7 @@ from confluent_kafka import Producer
 from psycopg import sql
 
 from .consume_paths import (
-    CONSUME_PATHS,
+    ALL_CONSUME_PATHS,
     AtLeastOnce,
     ExactlyOnce,
     Stage,
@@ -222,6 +222,21 @@ def _run_all(args: argparse.Namespace, env: Services, stages: list[Stage], topic
     return results
 
 
+def _open_stages(env: Services, db: _Db, outs: dict[str, str], instance: str,
+                 stages: list[Stage]) -> None:
+    """Open the paths of ``outs`` into ``stages`` (partly filled when one fails)."""
+    for p, out in outs.items():
+        if p == "exactly_once":
+            stages.append(ExactlyOnce(env.dsn, env.brokers, db.insert, out, instance))
+        elif p == "idempotent":
+            stages.append(AtLeastOnce(p, env.dsn, env.brokers, db.insert_once, out,
+                                      "dedup INSERT + COMMIT"))
+        else:
+            stages.append(AtLeastOnce(p, env.dsn, env.brokers, db.insert, out,
+                                      "INSERT + COMMIT", wait_commit=p == "at_least_once"))
+    stages.sort(key=lambda s: ALL_CONSUME_PATHS.index(s.name))
+
+
 def default_input(args: argparse.Namespace) -> int:
     """Enough input for one measurement at 40,000 messages/s (the fastest path did
     ~25,000 here), at least 50,000."""
@@ -238,7 +253,11 @@ def run_mode(args: argparse.Namespace, batches: list[int],
     suffix = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
     db = _Db(env.dsn, suffix)
     topic = f"pk2pc-bench.consume-in.{suffix}"
-    outs = {p: f"pk2pc-bench.consume-{p}.{suffix}" for p in CONSUME_PATHS}
+    paths = [p for p in args.consume_paths.split(",") if p]
+    for p in paths:
+        if p not in ALL_CONSUME_PATHS:
+            sys.exit(f"unknown path {p!r}; choose from {', '.join(ALL_CONSUME_PATHS)}")
+    outs = {p: f"pk2pc-bench.consume-{p}.{suffix}" for p in paths}
     instance = f"bench{os.getpid()}-e"
     started = time.monotonic()
     notes: dict[str, Any] = {**machine_notes(), **server_notes(env.dsn)}
@@ -251,12 +270,7 @@ def run_mode(args: argparse.Namespace, batches: list[int],
     try:
         fill_s = prefill(env.brokers, topic, args.consume_input, args.partitions)
         say(f"bench --consume: input written in {fill_s:.1f} s")
-        stages.append(ExactlyOnce(env.dsn, env.brokers, db.insert, outs["exactly_once"],
-                                  instance))
-        stages.append(AtLeastOnce("at_least_once", env.dsn, env.brokers, db.insert,
-                                  outs["at_least_once"], "INSERT + COMMIT"))
-        stages.append(AtLeastOnce("idempotent", env.dsn, env.brokers, db.insert_once,
-                                  outs["idempotent"], "dedup INSERT + COMMIT"))
+        _open_stages(env, db, outs, instance, stages)
         results = _run_all(args, env, stages, topic, batches, db, suffix)
     finally:
         for stage in stages:
@@ -269,12 +283,12 @@ def run_mode(args: argparse.Namespace, batches: list[int],
             db.drop()
             delete_topics(env.brokers, [topic, *outs.values()])
     elapsed = time.monotonic() - started
-    cells = aggregate(results, CONSUME_PATHS)
+    cells = aggregate(results, ALL_CONSUME_PATHS)
     at, ratios = consume_ratios(cells)
     settings = {
         "command": ("scripts/bench " + " ".join(sys.argv[1:])).strip(),
         "runs": args.runs, "warmup_s": args.warmup, "duration_s": args.duration,
-        "batch_sizes": batches, "topic_partitions": args.partitions,
+        "paths": paths, "batch_sizes": batches, "topic_partitions": args.partitions,
         "input_messages": args.consume_input, "elapsed_s": round(elapsed, 1),
         "loadavg_at_end": os.getloadavg(),
     }

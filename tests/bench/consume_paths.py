@@ -9,6 +9,8 @@ message, three ways.
                     non-transactional producer), then ``consumer.commit(asynchronous=False)``.
 ``idempotent``      (g) the same with a dedup table: the row is inserted only when
                     ``INSERT INTO dedup ... ON CONFLICT DO NOTHING`` inserted the id.
+``at_least_once_async``  reference, only with ``--consume-paths``: (f) with
+                    ``commit(asynchronous=True)``, the offset commit not waited for.
 
 Every stage runs in one thread with one consumer (``enable.auto.commit=false``,
 ``isolation.level=read_committed``) and writes the rows with ``executemany`` (which
@@ -20,12 +22,20 @@ boundaries each path has: for (e) through the library's public seams only
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from psycopg import sql
 
 from coordinator import Coordinator, CoordinatorConfig, Step, Transaction
@@ -33,6 +43,7 @@ from coordinator import Coordinator, CoordinatorConfig, Step, Transaction
 from .env import COORD_NAME, PAYLOAD, make_pool
 
 __all__ = [
+    "ALL_CONSUME_PATHS",
     "CONSUME_LABELS",
     "CONSUME_PATHS",
     "AtLeastOnce",
@@ -44,10 +55,13 @@ __all__ = [
 ]
 
 CONSUME_PATHS = ("exactly_once", "at_least_once", "idempotent")
+"""Measured by default."""
+ALL_CONSUME_PATHS = (*CONSUME_PATHS, "at_least_once_async")
 CONSUME_LABELS = {
     "exactly_once": "(e) exactly once: run_consumer, Kafka txn per batch",
     "at_least_once": "(f) at least once: COMMIT, produce+flush, commit offsets",
     "idempotent": "(g) idempotent consumer: dedup table, produce+flush, commit offsets",
+    "at_least_once_async": "(ref) (f) with the offset commit not waited for (asynchronous)",
 }
 BATCH_TIMEOUT = 0.1
 """``consume(num_messages=batch, timeout=...)`` of every path (``run_consumer``'s default)."""
@@ -254,9 +268,10 @@ class AtLeastOnce(Stage):
     the rows once, its messages are written again."""
 
     def __init__(self, name: str, dsn: str, brokers: str, statement: sql.Composed,
-                 topic: str, pg_phase: str) -> None:
+                 topic: str, pg_phase: str, wait_commit: bool = True) -> None:
         super().__init__()
         self.name = name
+        self.wait_commit = wait_commit
         self.statement = statement
         self.topic = topic
         self.pg_phase = pg_phase
@@ -271,6 +286,10 @@ class AtLeastOnce(Stage):
             msgs = [m for m in consumer.consume(batch, BATCH_TIMEOUT) if m.error() is None]
             if msgs:
                 self._process(consumer, msgs)
+        if not self.wait_commit and (consumer.done or consumer.pending):
+            # Wait for what is still in flight, as at shutdown (_NO_OFFSET: nothing was).
+            with contextlib.suppress(KafkaException):
+                consumer.commit(asynchronous=False)
         return 0
 
     def _process(self, consumer: StageConsumer, msgs: list[Message]) -> None:
@@ -291,8 +310,12 @@ class AtLeastOnce(Stage):
         if self.producer.flush(KAFKA_TIMEOUT) or deliveries.error is not None:
             raise RuntimeError(f"output not delivered: {deliveries.error}")
         self.phases.lap("flush (delivery)")
-        consumer.commit(asynchronous=False)
-        self.phases.lap("commit offsets")
+        if self.wait_commit:
+            consumer.commit(asynchronous=False)
+            self.phases.lap("commit offsets")
+        else:
+            consumer.commit(asynchronous=True)
+            self.phases.lap("commit offsets (asynchronous)")
         consumer.pending = len(msgs)
 
     def close(self) -> None:
