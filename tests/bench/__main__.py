@@ -114,7 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "asynchronously)")
     ap.add_argument("--consume-input", type=int, default=None, metavar="N",
                     help="input messages of --consume (default: enough for one "
-                    "measurement at 40,000 messages/s)")
+                    "measurement at 60,000 messages/s)")
     ap.add_argument("--no-consume", action="store_true",
                     help="with --quick: skip the consume path at the largest batch size")
     args = ap.parse_args(argv)
