@@ -28,8 +28,13 @@ Usage (through ``scripts/bench``, which starts the local stack, or
 ``.venv/bin/python -m tests.bench`` from the repository root)::
 
     scripts/bench                 # full benchmark, writes docs/bench-results.*
-    scripts/bench --quick         # under two minutes, writes bench-results/
+    scripts/bench --quick         # under three minutes, writes bench-results/; ends
+                                  # with the consume path at batch 500
     scripts/bench --memory 300000 # RSS of the group-commit path over many operations
+    scripts/bench --consume       # the consume path: messages/s of a consume-process-
+                                  # produce stage, exactly once vs at least once vs an
+                                  # idempotent consumer, at batch sizes 1, 100, 500
+    scripts/bench --consume --quick
 
 The services come from ``PG_DSN`` and ``KAFKA_BOOTSTRAP_SERVERS``. The last
 line of the main mode is::
@@ -37,7 +42,13 @@ line of the main mode is::
     twopc_group_vs_naive=R twopc_group_vs_outbox=R twopc_group_vs_per_op=R twopc_group_vs_pg_2pc=R
 
 (throughput of (d) over that of each path, at concurrency 32 or the highest
-concurrency measured; NaN for a path not measured).
+concurrency measured; NaN for a path not measured); with ``--quick`` it ends with
+``consume_exactly_once_vs_at_least_once=R`` (the consume mode at batch 500 only).
+The last line of ``--consume`` is::
+
+    consume_exactly_once_vs_at_least_once=R consume_exactly_once_vs_idempotent=R
+
+((e)'s messages/s over (f)'s and (g)'s at the largest batch size; see ``consume.py``).
 """
 
 from __future__ import annotations
@@ -50,7 +61,8 @@ from pathlib import Path
 
 from coordinator import CoordinatorConfig, GroupCommit
 
-from . import memory, throughput
+from . import consume, memory, throughput
+from .consume_paths import CONSUME_PATHS
 from .env import DEFAULT_OUT, QUICK_OUT
 from .paths import PATHS
 
@@ -64,7 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="short runs (under two minutes); output to bench-results/")
+                    help="short runs (under three minutes); output to bench-results/")
     ap.add_argument("--runs", type=int, default=None, help="runs per figure (median)")
     ap.add_argument("--duration", type=float, default=None, help="seconds measured per run")
     ap.add_argument("--warmup", type=float, default=None,
@@ -91,6 +103,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pause", type=float, default=0.3, help="seconds between measurements")
     ap.add_argument("--memory", type=int, metavar="N",
                     help="RSS of the group-commit path over N operations")
+    ap.add_argument("--consume", action="store_true",
+                    help="the consume path: (e) exactly once through run_consumer, (f) at "
+                    "least once, (g) an idempotent consumer, at each --batch-sizes")
+    ap.add_argument("--batch-sizes", default="1,100,500",
+                    help="batch sizes of --consume, comma-separated")
+    ap.add_argument("--consume-paths", default=",".join(CONSUME_PATHS),
+                    help="paths of --consume: a subset of " + ",".join(CONSUME_PATHS)
+                    + "; also the reference at_least_once_async (offsets committed "
+                    "asynchronously)")
+    ap.add_argument("--consume-input", type=int, default=None, metavar="N",
+                    help="input messages of --consume (default: enough for one "
+                    "measurement at 60,000 messages/s)")
+    ap.add_argument("--no-consume", action="store_true",
+                    help="with --quick: skip the consume path at the largest batch size")
     args = ap.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 5
@@ -110,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out) if args.out else (QUICK_OUT if args.quick else DEFAULT_OUT)
     if args.memory:
         return memory.main(args, out_dir)
+    if args.consume:
+        return consume.main(args, out_dir)
     return throughput.main(args, out_dir)
 
 

@@ -56,7 +56,7 @@ def machine_notes() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(), "cpu_model": model, "memory": mem,
         "kernel": platform.release(), "python": platform.python_version(),
-        "confluent_kafka": confluent_kafka.version()[0],
+        "confluent_kafka": confluent_kafka.version(),
         "librdkafka": confluent_kafka.libversion()[0],
         "psycopg": psycopg.__version__,
         "loadavg_at_start": os.getloadavg(),
@@ -94,10 +94,11 @@ class Cell:
 Cells = dict[tuple[str, int], Cell]
 
 
-def aggregate(results: Sequence[RunResult]) -> Cells:
+def aggregate(results: Sequence[RunResult], order: Sequence[str] = ALL_PATHS) -> Cells:
+    """Medians by (path, concurrency), sorted by concurrency, then ``order``."""
     cells: Cells = {}
     keys = sorted({(r.path, r.concurrency) for r in results},
-                  key=lambda k: (k[1], ALL_PATHS.index(k[0])))
+                  key=lambda k: (k[1], list(order).index(k[0])))
     for key in keys:
         rs = [r for r in results if (r.path, r.concurrency) == key]
         tp = [r.throughput for r in rs]

@@ -3,7 +3,10 @@
 Each figure is the median of ``--runs`` runs, interleaved (run 1 of every path and
 concurrency, then run 2, ...; the order of the paths rotates) so that drift on a shared
 machine hits every path alike. Writes ``bench-results.md/.json`` and
-``bench-throughput.png``; the last line printed is the ratio line.
+``bench-throughput.png``; the last line printed is the ratio line. With ``--quick``
+(unless ``--no-consume``) the consume mode then runs at its largest batch size only
+(``bench-consume.md/.json``) and the ratio line ends with
+``consume_exactly_once_vs_at_least_once=R``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import coordinator
 from coordinator import CoordinatorConfig, GroupCommit
 
+from . import consume
 from .cpu import ProcessCpu
 from .env import (
     Services,
@@ -181,5 +185,12 @@ def main(args: argparse.Namespace, out_dir: Path) -> int:
     print(f"\nCPU cores by process at concurrency {c32}:\n{cpu_table}")
     print(f"\nwritten: {out_dir / 'bench-results.md'}, {out_dir / 'bench-results.json'}"
           + (f", {png}" if has_plot else ""))
-    print(ratio_line(ratios))
+    line = ratio_line(ratios)
+    if args.quick and not args.no_consume:
+        batch = max(int(x) for x in args.batch_sizes.split(","))
+        say(f"bench: the consume path at batch {batch} (all batch sizes: --consume --quick)")
+        _, consume_ratios = consume.run_mode(args, [batch], out_dir)
+        print(f"\nconsume path at batch {batch}: see {out_dir / 'bench-consume.md'}")
+        line += f" consume_exactly_once_vs_at_least_once={consume_ratios['at_least_once']:.2f}"
+    print(line)
     return 0
