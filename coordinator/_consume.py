@@ -94,7 +94,10 @@ class _Loop:
         pending: list[list[Message]] = [messages]
         rewound = False
         while pending and not self.stop.is_set():
-            part = self._owned(pending.pop(0))
+            whole = pending.pop(0)
+            part = self._owned(whole)
+            if len(part) < len(whole):
+                rewound = True  # make sure nothing dropped here is skipped if it stays ours
             if not part:
                 continue
             try:
