@@ -1,6 +1,6 @@
 """What the campaign reads from its client processes' logs while they run: whether a
 process is inside an attempt (for aimed faults), has started, has ended, or -- a pipeline
-stage -- is stuck retrying one batch (the liveness probe)."""
+stage -- waits for recovery or is stuck retrying one batch (the liveness probe)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["STUCK_RETRIES", "STUCK_SECONDS", "ended", "in_attempt", "started", "stuck"]
+__all__ = ["STUCK_RETRIES", "STUCK_SECONDS", "ended", "in_attempt", "started", "stuck",
+           "waiting"]
 
 STUCK_RETRIES = 5
 STUCK_SECONDS = 20.0
@@ -32,6 +33,12 @@ def in_attempt(path: Path) -> bool:
     tail = _tail(path, 0, 2048).splitlines()
     last = tail[-1] if tail else b""
     return any(f'"event": "{ev}"'.encode() in last for ev in ("attempt", "gid", "batch"))
+
+
+def waiting(path: Path) -> bool:
+    """Whether the last record says a pipeline stage waits for recovery to decide."""
+    tail = _tail(path, 0, 2048).splitlines()
+    return bool(tail) and b'"event": "wait"' in tail[-1]
 
 
 def started(path: Path, pos: int) -> bool:

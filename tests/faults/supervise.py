@@ -94,11 +94,14 @@ class Campaign:
         self.journal.event(fault, **detail)
 
     def alive_workers(self, ready_only: bool = True) -> list[tuple[str, int]]:
-        """Running worker processes; ``ready_only``: those past their start-up."""
+        """Running worker processes; ``ready_only``: those past their start-up. A pipeline
+        stage waiting for recovery to decide an unknown outcome is left out: the wait is
+        what is under test (does recovery's grace period let it go on?), so the injectors
+        do not kill or freeze it."""
         with self._lock:
             return [(sl.instance, sl.proc.pid) for sl in self.slots
                     if sl.proc is not None and sl.proc.poll() is None
-                    and (sl.ready or not ready_only)]
+                    and (sl.ready or not ready_only) and not logtail.waiting(sl.log)]
 
     def in_attempt(self, instance: str) -> bool:
         """Whether the worker's last log record says it is inside an attempt."""
