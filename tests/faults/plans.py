@@ -158,10 +158,12 @@ def min_inputs(s: Settings, kind: str) -> int:
 
 def plan_arms(s: Settings, kind: str, idx: int, rng: random.Random
               ) -> dict[str, list[dict[str, Any]]]:
-    """instance -> its arms, in order (``tests/faults/stage.py``). A zombie pause lasts
-    1.5-4 s more than the session timeout."""
+    """instance -> its arms, in order (``tests/faults/stage.py``), dealt round-robin, the
+    lost commits first. A zombie pause lasts 1.5-4 s more than the session timeout."""
     jobs = _pipeline_jobs(s, kind, rng)
     rng.shuffle(jobs)
+    # The lost commits first: a stage's later arms may find the input consumed already.
+    jobs.sort(key=lambda j: not j.startswith("lost-commit:"))
     out: dict[str, list[dict[str, Any]]] = {f"stage{i}": [] for i in range(s.stages)}
     for j, crash in enumerate(jobs):
         instance = f"stage{j % s.stages}"
