@@ -18,5 +18,13 @@
 * :mod:`tests.faults.injectors` -- the faults: random kills, Kafka broker kill -9 and restart,
   PostgreSQL immediate stop and restart, network cuts and latency through Toxiproxy;
 * :mod:`tests.faults.check` -- the invariant checker, operation by operation, on what
-  :mod:`tests.faults.observed` reads from the clients' logs and the two systems.
+  :mod:`tests.faults.observed` reads from the clients' logs and the two systems;
+* the pipeline workload (phases ``pipeline``, ``pipeline-mixed``): :mod:`tests.faults.pipeline`
+  -- its topics, table, input feeder and the end of a phase; :mod:`tests.faults.stage` -- a
+  consumer stage process (``Coordinator.run_consumer``) killing, freezing or failing itself
+  at protocol points; :mod:`tests.faults.pipecheck` -- its checker (each input message:
+  exactly one row and one output message, committed offsets at the end of the input), on
+  what :mod:`tests.faults.stagelogs` reads from the stages' logs;
+* :mod:`tests.faults.logtail` -- what the campaign reads from the logs of running clients
+  (in an attempt, started, ended, a stage stuck: the liveness probe).
 """

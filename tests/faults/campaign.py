@@ -20,6 +20,14 @@
    second-opinion checker of ``tests/crash/checker.py`` found a problem; 2 when the
    campaign itself could not run or did not complete (a phase timed out).
 
+The pipeline phases (``pipeline``, ``pipeline-mixed``; ``tests/faults/pipeline.py``) run
+``--stages`` consumer stage processes instead of the clients: the campaign feeds an input
+topic, the stages consume it in one group with ``Coordinator.run_consumer`` (one row and
+one output message per input message), killed at the protocol steps and at random, frozen
+past their session timeout (zombies) and given lost commits; ``pipeline-mixed`` adds the
+mixed phase's faults and the recovery storm. Their checker
+(``tests/faults/pipecheck.py``) adds its rows and problems to the same tables and final line.
+
 Fault kinds that attack atomicity through recovery (docs/reliability.md):
 
 * ``pause`` -- workers freeze themselves (SIGSTOP, a detached waker sends SIGCONT after
@@ -59,6 +67,8 @@ from pathlib import Path
 from tests.plugins.kafka_helpers import create_topic
 
 from .check import load_logs, run_check
+from .pipecheck import check_pipeline, describe, fold
+from .pipeline import Pipeline, is_stage_gid
 from .plans import make_plans
 from .recoveries import Recoveries
 from .report import Journal, say, write_summary
@@ -69,6 +79,7 @@ from .settings import (
     KINDS,
     NAME,
     OVERSIZE_LIMIT,
+    PIPELINE_KINDS,
     ROOT,
     CampaignError,
     Settings,
@@ -99,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random; "
                    "printed, so that a run can be replayed)")
     p.add_argument("--workers", type=int, default=3, help="client processes (default 3)")
+    p.add_argument("--stages", type=int, default=3,
+                   help="pipeline phases: consumer stage processes in the group (default 3)")
     p.add_argument("--brokers", type=int, choices=(1, 3), default=1,
                    help="Kafka brokers of the campaign's stack (3: RF 3, min.insync.replicas "
                    "2; kafka-restart then kills one broker during commits)")
@@ -208,9 +221,11 @@ def _run(s: Settings, run_id: str, out: Path, t0: float) -> int:
         create_topic(second_bootstrap, decision_topic, partitions=3, replication_factor=1)
         create_topic(services.bootstrap, recoveries.wrong_decision_topic, partitions=3,
                      replication_factor=3 if s.brokers >= 3 else 1)
+    if any(k in PIPELINE_KINDS for k in s.faults):
+        camp.pipeline = Pipeline(s, services, run_id, decision_topic)
     rng = random.Random(s.seed)
     phases = make_plans(s, rng)
-    plan = {o["op"]: o for _, ops in phases for o in ops}
+    plan = {o["op"]: o for kind, ops in phases if kind not in PIPELINE_KINDS for o in ops}
     stop_recovery = threading.Event()
     recovery_thread = threading.Thread(target=recoveries.recovery_loop, args=(stop_recovery,),
                                        daemon=True, name="recovery-loop")
@@ -239,12 +254,21 @@ def _run(s: Settings, run_id: str, out: Path, t0: float) -> int:
         dsn=services.dsn, bootstrap=services.bootstrap, name=NAME, table=table, topic=topic,
         decision_topic=decision_topic, messages_per_op=s.messages_per_op, plan=plan,
         lines=lines, resolved_by_recovery=recoveries.resolved,
-        faults_per_kind=journal.faults_per_kind,
+        faults_per_kind=journal.faults_per_kind, exclude_gid=is_stage_gid,
     )
+    pipeline_lines: list[str] = []
+    if camp.pipeline is not None:
+        pres = check_pipeline(
+            dsn=services.dsn, bootstrap=services.bootstrap, name=NAME,
+            sink=camp.pipeline.sink, decision_topic=decision_topic,
+            phases=camp.pipeline.phases, resolved_by_recovery=recoveries.resolved,
+            faults_per_kind=journal.faults_per_kind)
+        fold(result, pres)
+        pipeline_lines = describe(pres, s, phase_info, out / "events.jsonl")
     text, incomplete = write_summary(
         s, out, result, plan=plan, phase_info=phase_info, lines=lines,
         faults_per_kind=journal.faults_per_kind, started_stack=started_stack,
-        elapsed=time.monotonic() - t0)
+        elapsed=time.monotonic() - t0, extra=pipeline_lines)
     journal.close()
     recoveries.close()
     print(text, flush=True)
@@ -264,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**9)
-    if args.workers < 1 or args.ops < 1:
-        print("faults: error: --workers and --ops must be positive", file=sys.stderr)
+    if args.workers < 1 or args.ops < 1 or args.stages < 1:
+        print("faults: error: --workers, --stages and --ops must be positive",
+              file=sys.stderr)
         return EXIT_ERROR
     s = Settings(
         ops=args.ops, faults=args.faults, seed=seed, workers=args.workers,
@@ -280,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         storm_grace=args.storm_grace_seconds, oversize_rate=args.oversize_rate,
         skew_seconds=args.skew_seconds,
         second_stack_dir=str(Path(args.second_stack_dir).resolve()),
-        second_port_offset=args.second_port_offset,
+        second_port_offset=args.second_port_offset, stages=args.stages,
     )
     s.command = "scripts/faults " + " ".join(shlex.quote(a) for a in (
         argv if argv is not None else sys.argv[1:]))

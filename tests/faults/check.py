@@ -30,7 +30,7 @@ kind; :attr:`Result.problems` says what exactly is wrong. The independent checke
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,11 +201,18 @@ def run_check(
     resolved_by_recovery: set[str],
     faults_per_kind: Mapping[str, int],
     timeout: float = 120.0,
+    exclude_gid: Callable[[str], bool] | None = None,
 ) -> Result:
-    """Check everything; ``plan`` maps op id -> {"phase", "kind", ...}."""
+    """Check everything; ``plan`` maps op id -> {"phase", "kind", ...}. Decision records
+    and prepared transactions of gids ``exclude_gid`` picks are someone else's (the
+    pipeline stages', checked by ``tests/faults/pipecheck.py``)."""
     logged = read_logs(lines, plan)
     visible = read_systems(dsn=dsn, bootstrap=bootstrap, name=name, table=table, topic=topic,
                            decision_topic=decision_topic, timeout=timeout)
+    if exclude_gid is not None:
+        visible.decisions = Counter({g: n for g, n in visible.decisions.items()
+                                     if not exclude_gid(g)})
+        visible.prepared = [g for g in visible.prepared if not exclude_gid(g)]
     settle(logged, visible, resolved_by_recovery)
     divergent = check_divergences(logged, visible, messages_per_op, topic)
     check_duplicates(logged, visible)

@@ -68,10 +68,14 @@ _toxic_ids = itertools.count(1)
 class Injector:
     """Injects one fault kind (or, for ``mixed``, any of them) in cycles."""
 
-    def __init__(self, lab: Lab, rng: random.Random, stop: threading.Event) -> None:
+    def __init__(self, lab: Lab, rng: random.Random, stop: threading.Event,
+                 calm: float = 1.0) -> None:
         self.lab = lab
         self.rng = rng
         self.stop = stop
+        self.calm = calm
+        """Factor on the random wait before each fault (the pipeline's stages need a few
+        seconds to rejoin their group after each one)."""
         self.kafka_lock = threading.Lock()
         self.pg_lock = threading.Lock()
         self.net_lock = threading.Lock()
@@ -98,7 +102,7 @@ class Injector:
 
     def _pause(self, low: float, high: float) -> bool:
         """Wait a random moment; False when the phase is over meanwhile."""
-        return not self.stop.wait(self.rng.uniform(low, high))
+        return not self.stop.wait(self.calm * self.rng.uniform(low, high))
 
     def _aim(self) -> bool:
         """Three times in four, wait (up to 5 s) for a client to begin an attempt and

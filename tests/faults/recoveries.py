@@ -91,7 +91,8 @@ class Recoveries:
         rng = random.Random(f"{self.s.seed}/recovery")
         while not stop.wait(self.s.recovery_interval):
             kill_after = None
-            if self.journal.phase in ("kill-random", "mixed") and rng.random() < 0.5:
+            if self.journal.phase in ("kill-random", "mixed", "pipeline-mixed") \
+                    and rng.random() < 0.5:
                 kill_after = rng.uniform(0.2, 1.5)
             self.recover_once(self.s.grace_seconds, kill_after)
 

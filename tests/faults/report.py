@@ -141,9 +141,10 @@ def fault_totals(events: Path, kills: Counter[str]) -> str:
 def write_summary(s: Settings, out: Path, result: Result, *, plan: dict[str, Any],
                   phase_info: Sequence[dict[str, Any]], lines: list[dict[str, Any]],
                   faults_per_kind: dict[str, int], started_stack: float,
-                  elapsed: float) -> tuple[str, bool]:
+                  elapsed: float, extra: Sequence[str] = ()) -> tuple[str, bool]:
     """The run's summary (printed, and kept as ``summary.txt`` and ``result.json`` in
-    ``out``); returns it and whether the run was incomplete."""
+    ``out``); returns it and whether the run was incomplete. ``extra``: the pipeline
+    workload's lines (``INCOMPLETE: ...`` ones make the run incomplete)."""
     from .check import COLUMNS
 
     table_text = render_table(result.table, s.faults, result.kill_outcomes, COLUMNS,
@@ -169,11 +170,21 @@ def write_summary(s: Settings, out: Path, result: Result, *, plan: dict[str, Any
         "answer was 'unknown'; by recovery = an attempt was resolved by the recovery "
         "command or recover_own",
     ]
+    if extra:
+        summary.append(
+            "pipeline rows: ops = input messages; committed = input messages with a "
+            "committed row; rolled back = input messages delivered again after a transaction "
+            "of theirs rolled back; told unknown = input messages of a transaction whose "
+            "outcome was unknown (run_consumer waited for recovery); by recovery = input "
+            "messages of a transaction recovery resolved; faults include the stages' kills "
+            "at a protocol step and zombie pauses")
     timed_out = [p["phase"] for p in phase_info if p["timed_out"]]
-    incomplete = bool(not_attempted or timed_out)
+    incomplete = bool(not_attempted or timed_out
+                      or any(x.startswith("INCOMPLETE") for x in extra))
     summary.append("workload: " + ", ".join(f"{k} {v}" for k, v in sorted(result.workload.items())))
     summary.append("answers to attempts: " + ", ".join(
         f"{k} {v}" for k, v in result.answers.most_common()))
+    summary.extend(extra)
     if incomplete:
         summary.append(f"INCOMPLETE: phases timed out: {timed_out or 'none'}; "
                        f"{not_attempted} planned operation(s) never attempted")

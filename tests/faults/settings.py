@@ -17,6 +17,7 @@ __all__ = [
     "OVERSIZE_LIMIT",
     "PACED_KINDS",
     "PAUSE_STEPS",
+    "PIPELINE_KINDS",
     "POINTS",
     "PYTHON",
     "RECOVERY_KINDS",
@@ -40,8 +41,11 @@ KILL_KINDS = tuple(f"kill:{p}" for p in POINTS)
 RECOVERY_KINDS = ("pause", "recovery-storm", "slow-kafka", "operator-mistake", "clock-skew")
 """Faults that attack atomicity through recovery: it acts on transactions that are not
 abandoned (grace 0, paused or slowed coordinators) or with wrong settings."""
+PIPELINE_KINDS = ("pipeline", "pipeline-mixed")
+"""Phases of the pipeline workload (``tests/faults/pipeline.py``): consumer stages instead of
+the workload's clients."""
 KINDS = ("none", *KILL_KINDS, "kill-random", "kafka-restart", "pg-restart", "net-cut",
-         "net-latency", *RECOVERY_KINDS, "mixed")
+         "net-latency", *RECOVERY_KINDS, "mixed", *PIPELINE_KINDS)
 GROUPS = {
     "all": KINDS,
     "kill-points": KILL_KINDS,
@@ -49,8 +53,9 @@ GROUPS = {
     "services": ("kafka-restart", "pg-restart"),
     "network": ("net-cut", "net-latency"),
     "recovery-faults": RECOVERY_KINDS,
+    "pipelines": PIPELINE_KINDS,
 }
-STORM_KINDS = ("pause", "recovery-storm", "slow-kafka", "mixed")
+STORM_KINDS = ("pause", "recovery-storm", "slow-kafka", "mixed", "pipeline-mixed")
 """Phases during which the recovery storm runs."""
 PACED_KINDS = ("recovery-storm", "slow-kafka", "operator-mistake", "clock-skew", "mixed")
 """Phases (besides the environment faults) whose operations are spread over
@@ -93,6 +98,7 @@ class Settings:
     skew_seconds: float = 600.0
     second_stack_dir: str = ""
     second_port_offset: int = 2000
+    stages: int = 3
 
 
 def parse_faults(text: str) -> list[str]:
@@ -110,5 +116,5 @@ def parse_faults(text: str) -> list[str]:
                 out.append(n)
     if not out:
         raise argparse.ArgumentTypeError("no fault selected")
-    return [k for k in KINDS if k in out]  # protocol order, the mixed phase last
+    return [k for k in KINDS if k in out]  # protocol order, the mixed phases last
 

@@ -16,13 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from . import logtail
 from .injectors import CYCLES, ENV_KINDS, Injector
+from .pipeline import Pipeline, PipelinePhase
 from .recoveries import Recoveries
 from .report import Journal, say
 from .settings import (
     NAME,
     OVERSIZE_LIMIT,
     PACED_KINDS,
+    PIPELINE_KINDS,
     PYTHON,
     ROOT,
     STORM_KINDS,
@@ -53,6 +56,8 @@ class Slot:
     ready: bool = False
     """The current process has opened its coordinator (its ``start`` record is logged)."""
     log_pos: int = 0
+    command: list[str] | None = None
+    """The process's command line; None: the workload's (:meth:`Campaign._command`)."""
 
 
 class Campaign:
@@ -80,6 +85,8 @@ class Campaign:
         """Worker pids this process stopped (SIGSTOP) and has not continued yet."""
         self.skew_env: dict[str, dict[str, str]] = {}
         """instance -> environment that runs it under libfaketime (clock-skew phase)."""
+        self.pipeline: Pipeline | None = None
+        """The pipeline workload's table and topics (when a pipeline phase is planned)."""
 
     # -- Lab protocol (injectors) --------------------------------------------------------
 
@@ -87,25 +94,19 @@ class Campaign:
         self.journal.event(fault, **detail)
 
     def alive_workers(self, ready_only: bool = True) -> list[tuple[str, int]]:
-        """Running worker processes; ``ready_only``: those past their start-up."""
+        """Running worker processes; ``ready_only``: those past their start-up. A pipeline
+        stage waiting for recovery to decide an unknown outcome is left out: the wait is
+        what is under test (does recovery's grace period let it go on?), so the injectors
+        do not kill or freeze it."""
         with self._lock:
             return [(sl.instance, sl.proc.pid) for sl in self.slots
                     if sl.proc is not None and sl.proc.poll() is None
-                    and (sl.ready or not ready_only)]
+                    and (sl.ready or not ready_only) and not logtail.waiting(sl.log)]
 
     def in_attempt(self, instance: str) -> bool:
         """Whether the worker's last log record says it is inside an attempt."""
         sl = next((x for x in self.slots if x.instance == instance), None)
-        if sl is None:
-            return False
-        try:
-            with sl.log.open("rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 2048))
-                tail = f.read().splitlines()
-        except OSError:
-            return False
-        last = tail[-1] if tail else b""
-        return b'"event": "attempt"' in last or b'"event": "gid"' in last
+        return sl is not None and logtail.in_attempt(sl.log)
 
     def kill_worker(self, instance: str, pid: int) -> bool:
         """SIGKILL the worker process ``pid`` if it is still that slot's live process."""
@@ -159,6 +160,8 @@ class Campaign:
     # -- workers -------------------------------------------------------------------------
 
     def _command(self, sl: Slot) -> list[str]:
+        if sl.command is not None:
+            return sl.command
         cmd = [PYTHON, "-m", "tests.faults.workload", "--plan", str(sl.plan), "--log", str(sl.log),
                "--postgres", self.services.proxy_dsn, "--bootstrap",
                self.services.proxy_bootstrap, "--name", NAME, "--instance", sl.instance,
@@ -198,28 +201,36 @@ class Campaign:
         # Faults come in cycles through the phase: the operations are spread over it.
         self._pace = ((s.phase_seconds * s.workers * s.threads / max(1, len(ops)))
                       if env_fault else 0.0)
-        slots = []
-        for w in range(s.workers):
-            mine = ops[w::s.workers]
-            plan = pdir / f"plan-w{w}.json"
-            plan.write_text(json.dumps({"ops": mine}, indent=1))
-            slots.append(Slot(w, f"w{w}", plan, pdir / f"log-w{w}.jsonl",
-                              pdir / f"stderr-w{w}.log", recover_own=w % 2 == 0))
+        pipe: PipelinePhase | None = None
+        if kind in PIPELINE_KINDS:
+            assert self.pipeline is not None
+            pipe = self.pipeline.phase(idx, kind, ops, pdir)
+            self._pace = 0.0
+            slots = [Slot(k, inst, plan, log, err, recover_own=k % 2 == 0,
+                          command=pipe.command(inst, plan, log, k % 2 == 0))
+                     for k, (inst, plan, log, err) in enumerate(pipe.stage_plans())]
+            what = f"{len(ops)} input messages, {len(slots)} stages"
+        else:
+            slots = self._workload_slots(ops, pdir)
+            what = (f"{len(ops)} ops, {s.workers} workers"
+                    + (f" x {s.threads} threads" if s.threads > 1 else "")
+                    + (f", pace {self._pace:.2f} s/op/worker" if self._pace else ""))
         with self._lock:
             self.slots = slots
         started = time.monotonic()
-        say(f"phase {idx + 1}/{len(s.faults)}: {kind}: {len(ops)} ops, {s.workers} workers"
-            + (f" x {s.threads} threads" if s.threads > 1 else "")
-            + (f", pace {self._pace:.2f} s/op/worker" if self._pace else ""))
+        say(f"phase {idx + 1}/{len(s.faults)}: {kind}: {what}")
         for sl in slots:
             self._start(sl)
         stop = threading.Event()
         threads: list[threading.Thread] = []
-        if kind in CYCLES or kind == "mixed":
+        # pipeline: random kill -9 besides the armed kills; pipeline-mixed: as mixed.
+        loop_kind = {"pipeline": "kill-random", "pipeline-mixed": "mixed"}.get(kind, kind)
+        if loop_kind in CYCLES or loop_kind == "mixed":
             rng = random.Random(f"{s.seed}/{idx}/{kind}")
-            injector = Injector(self, rng, stop)
-            for n in range(2 if kind == "mixed" else 1):
-                t = threading.Thread(target=injector.loop, args=(kind,), daemon=True,
+            injector = Injector(self, rng, stop, calm={"pipeline": 3.0,
+                                                       "pipeline-mixed": 2.0}.get(kind, 1.0))
+            for n in range(2 if loop_kind == "mixed" else 1):
+                t = threading.Thread(target=injector.loop, args=(loop_kind,), daemon=True,
                                      name=f"inject-{kind}-{n}")
                 t.start()
                 threads.append(t)
@@ -235,18 +246,25 @@ class Campaign:
             threads.append(t)
         deadline = started + max(300.0, 6 * s.phase_seconds) + 2.0 * len(ops)
         timed_out = False
+        if pipe is not None:
+            pipe.start_feeder()
         try:
-            while not all(sl.done for sl in slots):
+            while not (pipe.finished() if pipe is not None else all(sl.done for sl in slots)):
                 if time.monotonic() > deadline:
                     timed_out = True
                     break
                 self._supervise(slots)
+                if pipe is not None:
+                    self._probe(slots, pipe)
                 time.sleep(0.1)
         finally:
             stop.set()
             for t in threads:
                 t.join(400)
             self.continue_all()
+            if pipe is not None:
+                pipe.close()
+                self._stop_stages(slots)
             if kind == "clock-skew":
                 self._check_skew(slots)
             if kind in STORM_KINDS:
@@ -263,8 +281,52 @@ class Campaign:
         say(f"phase {kind} done in {elapsed:.0f} s: {restarts} restarts"
             f", {self.journal.faults_per_kind.get(kind, 0)} injected faults"
             + (" -- TIMED OUT" if timed_out else ""))
-        return {"phase": kind, "seconds": round(elapsed, 1), "restarts": restarts,
+        info = {"phase": kind, "seconds": round(elapsed, 1), "restarts": restarts,
                 "timed_out": timed_out}
+        if pipe is not None:
+            info["pipeline"] = pipe.info()
+        return info
+
+    def _probe(self, slots: list[Slot], pipe: PipelinePhase) -> None:
+        """A liveness probe, as an orchestrator's: a stage that retries the same batch
+        without success for too long (:func:`tests.faults.logtail.stuck`) is killed and
+        started again; reported, not counted as an injected fault. Every 2 s."""
+        if time.monotonic() < pipe.next_probe:
+            return
+        pipe.next_probe = time.monotonic() + 2.0
+        for sl in slots:
+            proc = sl.proc
+            if proc is None or proc.poll() is not None or not sl.ready or proc.pid in self.stopped:
+                continue
+            why = logtail.stuck(sl.log, sl.log_pos)
+            if why is not None and self.kill_worker(sl.instance, proc.pid):
+                self.event("liveness-restart", worker=sl.instance, pid=proc.pid, why=why,
+                           counts=False)
+                say(f"liveness probe: {sl.instance} restarted ({why})")
+
+    def _workload_slots(self, ops: list[dict[str, Any]], pdir: Path) -> list[Slot]:
+        slots = []
+        for w in range(self.s.workers):
+            plan = pdir / f"plan-w{w}.json"
+            plan.write_text(json.dumps({"ops": ops[w::self.s.workers]}, indent=1))
+            slots.append(Slot(w, f"w{w}", plan, pdir / f"log-w{w}.jsonl",
+                              pdir / f"stderr-w{w}.log", recover_own=w % 2 == 0))
+        return slots
+
+    def _stop_stages(self, slots: list[Slot], timeout: float = 20.0) -> None:
+        """SIGTERM to every live stage (it finishes its batch, logs ``end`` and leaves the
+        group); those still running after ``timeout`` seconds are killed by the caller."""
+        with self._lock:
+            procs = [sl.proc for sl in slots if sl.proc is not None and sl.proc.poll() is None]
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+        for sl in slots:
+            sl.done = True
 
     def _supervise(self, slots: list[Slot]) -> None:
         now = time.monotonic()
@@ -275,10 +337,10 @@ class Campaign:
                 rc = sl.proc.poll()
                 if rc is None:
                     if not sl.ready:
-                        sl.ready = _started(sl)
+                        sl.ready = logtail.started(sl.log, sl.log_pos)
                     continue
                 sl.proc = None
-                if rc == 0 and _log_ended(sl.log):
+                if rc == 0 and logtail.ended(sl.log):
                     sl.done = True
                     continue
                 if rc < 0:
@@ -317,21 +379,3 @@ class Campaign:
                            clock_offset_seen=round(max(seen) - time.time(), 1),
                            records=len(seen))
 
-
-def _started(sl: Slot) -> bool:
-    """Whether the slot's current process logged its ``start`` record."""
-    try:
-        with sl.log.open("rb") as f:
-            f.seek(sl.log_pos)
-            new = f.read()
-    except OSError:
-        return False
-    return b'"event": "start"' in new
-
-
-def _log_ended(path: Path) -> bool:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return False
-    return any('"event": "end"' in ln for ln in lines[-3:])
