@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 from confluent_kafka import Consumer, KafkaException, Message
 
 from ._consumed import rewind
-from ._errmap import describe
+from ._enums import Phase
+from ._errmap import describe, is_connection_error
 from ._transaction import Transaction
 from .errors import (
     CommittedPendingRecovery,
@@ -34,6 +35,7 @@ from .errors import (
     Error,
     OutcomeUnknown,
     PoisonMessage,
+    ServiceUnavailable,
     UsageError,
 )
 from .prepared import list_prepared
@@ -135,6 +137,9 @@ class _Loop:
                 try:
                     self.handle(tx, part)
                 except Exception as exc:
+                    if is_connection_error(exc):  # PostgreSQL went away: not the handler
+                        raise ServiceUnavailable(f"PostgreSQL: {describe(exc)}",
+                                                 phase=Phase.EXECUTE) from exc
                     raise _HandlerFailed(exc) from exc
         except CommittedPendingRecovery:
             pass  # committed: only COMMIT PREPARED is left to recovery

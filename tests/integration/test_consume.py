@@ -144,6 +144,32 @@ def test_poison_message_goes_to_the_dead_letter_topic(env: Env) -> None:
     assert p.committed() == {0: 20, 1: 20, 2: 20}
 
 
+def test_a_lost_postgres_connection_is_not_the_handlers_failure(env: Env) -> None:
+    """A connection error inside the handler is an outage, not a poison message: the
+    batch is consumed again, nothing is dead-lettered."""
+    import psycopg
+
+    p = pipeline(env, partitions=1)
+    keys = p.feed(10)
+    dlq = env.topic()
+    coord = env.coordinator()
+    consumer = p.consumer()
+    failures = [psycopg.OperationalError("server closed the connection unexpectedly")] * 3
+
+    def handle(tx: Transaction, messages: Sequence[Message]) -> None:
+        if failures:
+            raise failures.pop()
+        p.handle(tx, messages)
+
+    try:
+        run_until(coord, p, consumer, 10, batch_size=1, handle=handle, max_attempts=2,
+                  dead_letter_topic=dlq)
+    finally:
+        consumer.close()
+    p.assert_exactly_once(keys)
+    assert env.read(dlq) == []
+
+
 def test_poison_message_without_dead_letter_topic_stops_the_loop(env: Env) -> None:
     p = pipeline(env, partitions=1)
     p.feed(10)
