@@ -1,4 +1,4 @@
-"""Throughput and latency of the coordinator against the alternatives (issue 7).
+"""Throughput and latency of the coordinator against the alternatives.
 
 The business operation is always the same: one INSERT of a row and one 1 KB
 Kafka message. It goes through four paths, side by side in one process tree,

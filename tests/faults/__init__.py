@@ -1,4 +1,4 @@
-"""The crash-and-fault campaign (issue 6): ``scripts/faults`` (``python -m tests.faults``).
+"""The crash-and-fault campaign: ``scripts/faults`` (``python -m tests.faults``).
 
 * :mod:`tests.faults.campaign` -- the run itself: options, phases in order, final recovery,
   check, summary; ``main``;
