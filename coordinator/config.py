@@ -17,6 +17,7 @@ from tenacity.wait import wait_base
 from ._enums import Step
 from .decision_log import DecisionTopic
 from .errors import ConfigurationError
+from .observe import Observer
 
 __all__ = ["CoordinatorConfig", "GroupCommit", "RetryPolicy", "default_instance"]
 
@@ -141,6 +142,10 @@ class CoordinatorConfig:
     on_step: Callable[[Step, str | None], None] | None = None
     """Called with each :class:`~coordinator.Step` a transaction reaches and its
     gid (a seam for tests, fault injection and tracing)."""
+    observers: tuple[Observer, ...] = ()
+    """Told about every transaction (phases, outcome) and producer session: the
+    seam metrics and tracing plug into (``coordinator.observe``,
+    ``coordinator.metrics``, ``coordinator.tracing``)."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.producers, int) and 1 <= self.producers <= 1000,
@@ -169,5 +174,7 @@ class CoordinatorConfig:
                "group_commit must be a GroupCommit or None")
         _check(isinstance(self.decision_topic, DecisionTopic),
                "decision_topic must be a DecisionTopic")
+        _check(isinstance(self.observers, tuple),
+               "observers must be a tuple of Observer objects")
         _check("transactional.id" not in self.producer_overrides,
                "do not set 'transactional.id': the coordinator derives one per producer")
