@@ -27,11 +27,14 @@ class ConsumedBatch:
     consumer: Consumer
     first: dict[tuple[str, int], int]
     next: dict[tuple[str, int], int]
+    headers: tuple[tuple[tuple[str, bytes], ...], ...] = ()
+    """The consumed messages' headers (for observers, e.g. to continue a trace)."""
 
     @classmethod
     def of(cls, consumer: Consumer, messages: Sequence[Message]) -> ConsumedBatch:
         first: dict[tuple[str, int], int] = {}
         nxt: dict[tuple[str, int], int] = {}
+        headers = []
         for m in messages:
             if m.error() is not None:
                 raise UsageError(f"consumed= holds an error event, not a message: {m.error()}")
@@ -41,7 +44,9 @@ class ConsumedBatch:
             key = (topic, partition)
             first[key] = min(first.get(key, offset), offset)
             nxt[key] = max(nxt.get(key, 0), offset + 1)
-        return cls(consumer, first, nxt)
+            headers.append(tuple((str(h[0]), h[1] if isinstance(h[1], bytes) else b"")
+                                 for h in m.headers() or ()))
+        return cls(consumer, first, nxt, tuple(headers))
 
     def offsets(self, group_metadata: Any) -> ConsumedOffsets:
         return ConsumedOffsets(id(self.consumer), group_metadata,

@@ -165,6 +165,7 @@ class GroupCommitter:
                     generation=current,
                     consumed=[m.consumed for m in members if m.consumed is not None],
                 )
+                result.members = len(members)
         except BaseException as exc:
             result = KafkaResult(KafkaOutcome.UNKNOWN, exc, f"unexpected: {exc!r}")
             raise

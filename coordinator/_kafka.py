@@ -75,6 +75,8 @@ class KafkaResult:
     error: BaseException | None = None
     detail: str = ""
     commit_seconds: float = 0.0
+    members: int = 1
+    """How many coordinated transactions the Kafka transaction carried (group commit)."""
 
 
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})

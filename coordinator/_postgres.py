@@ -13,22 +13,23 @@ simpler with plain SQL than around ``tpc_*``'s own transaction state.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import psycopg
 import psycopg.errors
+import tenacity
 from psycopg import sql
-from psycopg.pq import TransactionStatus
 
+from ._effects import Execute, Flow, Result, Sleep
 from ._enums import Phase
 from ._errmap import is_connection_error
+from ._logging import log_extra
 from .config import RetryPolicy
 from .errors import (
     AlreadyCommitted,
     IdempotencyKeyBusy,
     PreparedTransactionsDisabled,
 )
-from .prepared import Connection, Finish, advisory_key, finish
+from .prepared import Connection, Finish, advisory_key, finish_flow
 
 __all__ = [
     "IdempotencyTable",
@@ -56,8 +57,9 @@ def check_server(conn: Connection) -> int:
     return limit
 
 
-def prepare(conn: Connection, gid: str) -> int | None:
-    """``PREPARE TRANSACTION gid``; raise unless PostgreSQL really prepared.
+def prepare(gid: str) -> Flow[int | None]:
+    """``PREPARE TRANSACTION gid`` on the transaction's connection; raise
+    :class:`NotPrepared` unless PostgreSQL really prepared.
 
     Returns the transaction's id (``pg_current_xact_id()``, read in the same
     round trip), so that the transaction's fate can be asked of PostgreSQL
@@ -67,19 +69,18 @@ def prepare(conn: Connection, gid: str) -> int | None:
     PREPARE on a transaction that already failed does a ROLLBACK and reports
     the command tag ``ROLLBACK``: that must never be taken for success.
     """
-    with conn.cursor() as cur:
-        # Two statements, no parameters: one simple-query round trip.
-        cur.execute(sql.SQL(
-            "SELECT pg_current_xact_id()::text::bigint; PREPARE TRANSACTION {}"
-        ).format(sql.Literal(gid)))
-        row = cur.fetchone()
-        xid = int(str(row[0])) if row is not None else None
-        cur.nextset()
-        if cur.statusmessage != "PREPARE TRANSACTION":
-            raise NotPrepared(
-                f"PostgreSQL answered {cur.statusmessage!r} instead of PREPARE TRANSACTION: "
-                "a statement inside the block had failed, so the transaction was rolled back"
-            )
+    # Two statements, no parameters: one simple-query round trip.
+    results: list[Result] = yield Execute(sql.SQL(
+        "SELECT pg_current_xact_id()::text::bigint; PREPARE TRANSACTION {}"
+    ).format(sql.Literal(gid)))
+    rows = results[0].rows
+    xid = int(str(rows[0][0])) if rows and len(results) > 1 else None
+    status = results[-1].status
+    if status != "PREPARE TRANSACTION":
+        raise NotPrepared(
+            f"PostgreSQL answered {status!r} instead of PREPARE TRANSACTION: "
+            "a statement inside the block had failed, so the transaction was rolled back"
+        )
     return xid
 
 
@@ -87,48 +88,36 @@ class NotPrepared(Exception):
     pass
 
 
-
-
-def finish_prepared(
-    connect: Callable[[], Connection],
-    release: Callable[[Connection], None],
-    gid: str,
-    commit: bool,
-    retry: RetryPolicy,
-    first: Connection | None = None,
-) -> Finish:
+def finish_prepared(gid: str, commit: bool, retry: RetryPolicy,
+                    on_own_connection: bool) -> Flow[Finish]:
     """``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` with retries on lost connections
     (and while another session is busy finishing the same gid).
 
-    Any session of the same role can finish a prepared transaction, so each
-    retry takes a new connection. Raises the last error when retries are spent.
+    The first attempt runs on the transaction's own connection when
+    ``on_own_connection`` (it is idle and usable); any session of the same role
+    can finish a prepared transaction, so each retry takes a pooled connection.
+    Raises the last error when retries are spent.
     """
-    conns = [first]
-
-    def attempt() -> Finish:
-        conn = conns.pop() if conns else None
-        if conn is None or conn.closed:
-            conn = connect()
-        try:
-            if not conn.autocommit:
-                if conn.info.transaction_status != TransactionStatus.IDLE:
-                    conn.rollback()
-                conn.autocommit = True
-            result = finish(conn, gid, commit)
-            if result is Finish.BUSY:
-                raise _Busy(gid)
-            return result
-        finally:
-            if conn is not first:
-                release(conn)
-
-    for a in retry.retrying(lambda e: isinstance(e, _Busy) or is_connection_error(e)):
+    delays: list[float] = []
+    retrying = tenacity.Retrying(
+        stop=retry.stop, wait=retry.wait, sleep=delays.append, reraise=True,
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, _Busy)
+                                          or is_connection_error(e)),
+    )
+    on_pool = not on_own_connection
+    for a in retrying:
+        if delays:  # tenacity chose the wait; the driver does the waiting
+            yield Sleep(delays.pop(), retry.sleep)
         with a:
             if a.retry_state.attempt_number > 1:
                 log.warning("gid=%s retrying %s (attempt %d)", gid,
                             "COMMIT PREPARED" if commit else "ROLLBACK PREPARED",
-                            a.retry_state.attempt_number)
-            return attempt()
+                            a.retry_state.attempt_number, extra=log_extra(gid=gid))
+            here, on_pool = on_pool, True  # any retry takes a pooled connection
+            result = yield from finish_flow(gid, commit, on_pool=here)
+            if result is Finish.BUSY:
+                raise _Busy(gid)
+            return result
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -172,37 +161,40 @@ class IdempotencyTable:
             if row is None or row[0] is None:
                 raise
 
-    def claim(self, conn: Connection, key: str, txid: str) -> None:
+    def claim(self, key: str, txid: str) -> Flow[None]:
         """Insert the key in the open transaction, or raise.
 
         A committed holder -> :class:`AlreadyCommitted`; a holder still running
         or prepared past ``wait_ms`` -> :class:`IdempotencyKeyBusy`. A holder
         that rolls back meanwhile lets this one proceed.
         """
-        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+        yield Execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
             sql.Literal(f"{self.wait_ms}ms")))
+        # A savepoint: a time-out must not poison the block.
+        yield Execute("SAVEPOINT pk2pc_idempotency")
         try:
-            with conn.transaction():  # a savepoint: a time-out must not poison the block
-                row = conn.execute(
-                    sql.SQL(
-                        "INSERT INTO {} (idempotency_key, txid) VALUES (%s, %s) "
-                        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING 1"
-                    ).format(self.ident),
-                    (key, txid),
-                ).fetchone()
+            results = yield Execute(
+                sql.SQL(
+                    "INSERT INTO {} (idempotency_key, txid) VALUES (%s, %s) "
+                    "ON CONFLICT (idempotency_key) DO NOTHING RETURNING 1"
+                ).format(self.ident),
+                (key, txid),
+            )
         except psycopg.errors.LockNotAvailable:
             raise IdempotencyKeyBusy(
                 f"idempotency key {key!r} is held by another transaction that is still "
                 f"running or in doubt (waited {self.wait_ms} ms); retry later",
                 idempotency_key=key,
             ) from None
-        conn.execute("SET LOCAL lock_timeout TO DEFAULT")
-        if row is None:
-            prev = conn.execute(
+        yield Execute("RELEASE SAVEPOINT pk2pc_idempotency")
+        yield Execute("SET LOCAL lock_timeout TO DEFAULT")
+        if not results[0].rows:
+            found = yield Execute(
                 sql.SQL("SELECT gid FROM {} WHERE idempotency_key = %s").format(self.ident),
                 (key,),
-            ).fetchone()
-            previous_gid = str(prev[0]) if prev and prev[0] is not None else None
+            )
+            prev = found[0].rows
+            previous_gid = str(prev[0][0]) if prev and prev[0][0] is not None else None
             raise AlreadyCommitted(
                 f"idempotency key {key!r} was already committed"
                 + (f" by {previous_gid}" if previous_gid else "")
@@ -211,8 +203,8 @@ class IdempotencyTable:
                 previous_gid=previous_gid,
             )
 
-    def record_gid(self, conn: Connection, key: str, gid: str) -> None:
-        conn.execute(
+    def record_gid(self, key: str, gid: str) -> Flow[None]:
+        yield Execute(
             sql.SQL("UPDATE {} SET gid = %s WHERE idempotency_key = %s").format(self.ident),
             (gid, key),
         )

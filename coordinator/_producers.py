@@ -73,6 +73,7 @@ class ProducerSlot:
         conf: dict[str, Any], timeout: float, *,
         high_watermark: Callable[[int], int],
         factory: ProducerFactory = Producer,
+        on_start: Callable[[int, int], None] | None = None,
     ) -> None:
         self.index = index
         self.transactional_id = transactional_id
@@ -81,6 +82,8 @@ class ProducerSlot:
         self._timeout = timeout
         self._high_watermark = high_watermark
         self._factory = factory
+        self._on_start = on_start
+        """Told ``(slot index, generation)`` when a session starts (observers)."""
         self.lock = threading.Lock()
         self._live: _Live | None = None
         self._generations = 0
@@ -117,6 +120,8 @@ class ProducerSlot:
             raise
         self._generations += 1
         self._live = _Live(producer, self._generations)
+        if self._on_start is not None:
+            self._on_start(self.index, self._generations)
 
     def producer_of(self, generation: int) -> Producer | None:
         """The producer of session ``generation`` if it is still the slot's

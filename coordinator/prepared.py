@@ -14,6 +14,7 @@ from enum import StrEnum
 import psycopg
 from psycopg import sql
 
+from ._effects import Execute, Flow, run_on
 from ._errmap import is_busy_gid, is_unknown_gid
 from .gid import Gid, InvalidGid, parse
 
@@ -23,8 +24,10 @@ __all__ = [
     "PreparedTransaction",
     "advisory_key",
     "finish",
+    "finish_flow",
     "list_prepared",
     "xact_status",
+    "xact_status_flow",
 ]
 
 Connection = psycopg.Connection[tuple[object, ...]]
@@ -89,9 +92,14 @@ def finish(conn: Connection, gid: str, commit: bool) -> Finish:
 
     Raises anything else PostgreSQL answers (a lost connection included).
     """
+    return run_on(conn, finish_flow(gid, commit))
+
+
+def finish_flow(gid: str, commit: bool, on_pool: bool = False) -> Flow[Finish]:
+    """:func:`finish` as a flow (``_effects.py``), for the coordinator's drivers."""
     stmt = "COMMIT PREPARED {}" if commit else "ROLLBACK PREPARED {}"
     try:
-        conn.execute(sql.SQL(stmt).format(sql.Literal(gid)))
+        yield Execute(sql.SQL(stmt).format(sql.Literal(gid)), on_pool=on_pool)
     except psycopg.Error as exc:
         if is_unknown_gid(exc):
             return Finish.GONE
@@ -104,8 +112,15 @@ def finish(conn: Connection, gid: str, commit: bool) -> Finish:
 def xact_status(conn: Connection, xid: int) -> str | None:
     """PostgreSQL's word on transaction ``xid``: ``committed``, ``aborted``,
     ``in progress`` (a prepared transaction is), or ``None`` when too old to tell."""
-    row = conn.execute("SELECT pg_xact_status(%s::text::xid8)", (str(xid),)).fetchone()
-    return None if row is None or row[0] is None else str(row[0])
+    return run_on(conn, xact_status_flow(xid))
+
+
+def xact_status_flow(xid: int, on_pool: bool = False) -> Flow[str | None]:
+    """:func:`xact_status` as a flow."""
+    results = yield Execute("SELECT pg_xact_status(%s::text::xid8)", (str(xid),),
+                            on_pool=on_pool)
+    rows = results[0].rows
+    return None if not rows or rows[0][0] is None else str(rows[0][0])
 
 
 def advisory_key(*parts: str) -> int:

@@ -19,6 +19,7 @@ from coordinator import (
     Status,
 )
 from coordinator import _postgres as pg_adapter
+from coordinator._effects import run_on
 from coordinator.gid import Gid, parse
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ def test_prepare_on_failed_transaction_is_not_taken_for_success(env: Env) -> Non
         with pytest.raises(psycopg.errors.DivisionByZero):
             conn.execute("SELECT 1/0")
         with pytest.raises((pg_adapter.NotPrepared, psycopg.errors.InFailedSqlTransaction)):
-            pg_adapter.prepare(conn, gid)
+            run_on(conn, pg_adapter.prepare(gid))
     assert env.prepared() == []
 
 
