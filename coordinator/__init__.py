@@ -11,6 +11,7 @@
         assert tx.status is Status.COMMITTED
 """
 
+from ._acoordinator import AsyncCoordinator, AsyncTransaction
 from ._consume import ConsumerStats
 from ._coordinator import Coordinator, Transaction
 from ._enums import Phase, Status, Step
@@ -36,6 +37,8 @@ from .gid import Gid, InvalidGid
 
 __all__ = [
     "AlreadyCommitted",
+    "AsyncCoordinator",
+    "AsyncTransaction",
     "CommittedPendingRecovery",
     "ConfigurationError",
     "ConsumerStats",

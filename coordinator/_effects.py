@@ -69,6 +69,10 @@ class Blocking:
     driver, in a worker thread by the asyncio driver."""
 
     call: Callable[[], Any]
+    waits_for_others: bool = False
+    """The call may wait for other transactions to make progress (for a free
+    producer slot): the asyncio driver runs it apart from the calls those
+    transactions need, so that waiters cannot starve them of threads."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -263,7 +263,8 @@ class TransactionCore:
         timeout = coord.config.connection_timeout
         try:
             yield Blocking(lambda: coord._check_topics(topics))
-            ticket: Ticket = yield Blocking(lambda: committer.join(timeout))
+            ticket: Ticket = yield Blocking(lambda: committer.join(timeout),
+                                            waits_for_others=True)
         except (TimeoutError, KafkaException, TopicUnusable) as exc:
             yield from self._abandon(Event.FAILED_BEFORE_COMMIT)
             raise rolled_back(before_prepare_reason(exc), Phase.PRODUCE,

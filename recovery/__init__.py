@@ -6,7 +6,7 @@ after a coordinator opened, for that instance's own earlier transactions).
 """
 
 from ._model import InDoubt, RecoveryReport, Remaining
-from ._worker import RecoveryConfig, RecoveryError, recover, recover_own
+from ._worker import RecoveryConfig, RecoveryError, arecover_own, recover, recover_own
 
 __all__ = [
     "InDoubt",
@@ -14,6 +14,7 @@ __all__ = [
     "RecoveryError",
     "RecoveryReport",
     "Remaining",
+    "arecover_own",
     "recover",
     "recover_own",
 ]

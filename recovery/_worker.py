@@ -24,6 +24,7 @@ a second one waits for it and then finds nothing left to do.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -48,9 +49,9 @@ from ._lock import recovery_lock
 from ._model import InDoubt, RecoveryReport, Remaining
 
 if TYPE_CHECKING:
-    from coordinator import Coordinator
+    from coordinator import AsyncCoordinator, Coordinator
 
-__all__ = ["RecoveryConfig", "RecoveryError", "recover", "recover_own"]
+__all__ = ["RecoveryConfig", "RecoveryError", "arecover_own", "recover", "recover_own"]
 
 log = logging.getLogger("recovery")
 
@@ -146,23 +147,41 @@ def recover_own(coordinator: Coordinator, kafka: Mapping[str, Any],
     period and no new fence (which would abort the live coordinator's own
     transactions). Its other transactions get the usual rules.
     """
-    if coordinator.started_at is None:
-        raise RecoveryError("the coordinator is not open")
-    base = config or RecoveryConfig()
-    cfg = replace(
-        base,
-        decision_topic=coordinator.config.decision_topic.name,
-        instance=coordinator.instance,
-        decision_log_table=coordinator.config.decision_log_table,
-        registry_schema=coordinator.config.idempotency_schema,
-        prefenced=coordinator.inherited_gids,
-    )
+    cfg = _own_config(coordinator, config)
     with coordinator.connection() as conn:  # the coordinator's own PostgreSQL (same role)
         conn.autocommit = True
         try:
             return recover(conn, kafka, coordinator.name, cfg)
         finally:
             conn.autocommit = False
+
+
+async def arecover_own(coordinator: AsyncCoordinator, kafka: Mapping[str, Any],
+                       config: RecoveryConfig | None = None) -> RecoveryReport:
+    """:func:`recover_own` for an :class:`~coordinator.AsyncCoordinator`: the
+    same recovery, run in a worker thread so the event loop is never blocked."""
+    cfg = _own_config(coordinator, config)
+    conn = await coordinator.connect_sync()
+
+    def run() -> RecoveryReport:
+        with conn:
+            return recover(conn, kafka, coordinator.name, cfg)
+
+    return await asyncio.to_thread(run)
+
+
+def _own_config(coordinator: Coordinator | AsyncCoordinator,
+                config: RecoveryConfig | None) -> RecoveryConfig:
+    if coordinator.started_at is None:
+        raise RecoveryError("the coordinator is not open")
+    return replace(
+        config or RecoveryConfig(),
+        decision_topic=coordinator.config.decision_topic.name,
+        instance=coordinator.instance,
+        decision_log_table=coordinator.config.decision_log_table,
+        registry_schema=coordinator.config.idempotency_schema,
+        prefenced=coordinator.inherited_gids,
+    )
 
 
 def _prefenced(t: InDoubt, cfg: RecoveryConfig) -> bool:

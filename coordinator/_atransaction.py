@@ -1,0 +1,139 @@
+"""The asyncio driver of a coordinated transaction: awaits the effects the
+protocol's steps (``_txcore.py``) ask for.
+
+PostgreSQL is psycopg's async connection; Kafka calls (which block) and the
+step hook run in the coordinator's worker threads, so the event loop never
+waits on them.
+
+Cancellation: a task cancelled inside the block rolls back like any other
+exception of the block. Once the block has ended, the commit procedure is
+shielded: cancelled during PREPARE or the Kafka commit, it still runs to its
+end, so the outcome is decided exactly as without the cancellation (never a
+half-commit, never a guessed outcome). Then the coroutine raises the
+procedure's typed error (``RolledBack``, ``OutcomeUnknown``, ...) when it did
+not commit, or the ``CancelledError`` when it did (:attr:`status` says
+``COMMITTED``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+import psycopg
+
+from ._effects import (
+    Acquire,
+    Blocking,
+    Effect,
+    Execute,
+    Flow,
+    Hook,
+    Release,
+    Sleep,
+    execute_async,
+)
+from ._transaction import Query
+from ._txcore import TransactionCore
+
+if TYPE_CHECKING:
+    from ._acoordinator import AsyncCoordinator
+
+__all__ = ["AsyncConnection", "AsyncTransaction"]
+
+T = TypeVar("T")
+AsyncConnection = psycopg.AsyncConnection[tuple[object, ...]]
+
+
+class AsyncTransaction(TransactionCore):
+    """One coordinated transaction on an event loop. Use it as an async context
+    manager from :meth:`AsyncCoordinator.transaction`; inside the block, write
+    with ``await tx.execute(...)`` (or :attr:`connection`) and :meth:`produce`.
+    """
+
+    _coord: AsyncCoordinator
+
+    @property
+    def connection(self) -> AsyncConnection:
+        """The psycopg async connection of this transaction (inside the block only)."""
+        conn: AsyncConnection = self._active_connection()
+        return conn
+
+    async def execute(self, query: Query,
+                      params: Any = None) -> psycopg.AsyncCursor[tuple[object, ...]]:
+        """Execute a statement in the transaction; returns the cursor."""
+        return await self.connection.execute(query, params)
+
+    async def __aenter__(self) -> Self:
+        await self._drive(self._enter_flow())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            await self._drive(self._exit_flow(exc))
+            return
+        procedure = asyncio.ensure_future(self._drive(self._exit_flow(None)))
+        cancelled: asyncio.CancelledError | None = None
+        while not procedure.done():
+            try:
+                await asyncio.shield(procedure)
+            except asyncio.CancelledError as stop:
+                if procedure.cancelled():  # pragma: no cover - nobody else holds it
+                    raise
+                cancelled = stop  # the procedure runs to its end all the same
+        error = procedure.exception()
+        if error is not None:
+            raise error  # the typed outcome; the cancellation is its context
+        if cancelled is not None:
+            raise cancelled
+
+    # -- the driver ----------------------------------------------------------
+
+    async def _drive(self, flow: Flow[T]) -> T:
+        try:
+            effect = next(flow)
+            while True:
+                try:
+                    result = await self._perform(effect)
+                except BaseException as exc:
+                    effect = flow.throw(exc)
+                else:
+                    effect = flow.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def _perform(self, effect: Effect) -> Any:
+        coord = self._coord
+        match effect:
+            case Execute(on_pool=False):
+                return await execute_async(self._conn, effect)
+            case Execute():
+                async with coord._borrow() as conn:
+                    return await execute_async(conn, effect)
+            case Blocking(call, waits_for_others):
+                return await coord._in_thread(call, waits_for_others)
+            case Sleep(seconds, sleep):
+                if sleep is time.sleep:
+                    await asyncio.sleep(seconds)
+                else:
+                    sleep(seconds)  # a test's own sleep
+            case Hook(step, gid):
+                hook = coord.config.on_step
+                assert hook is not None
+                await coord._in_thread(lambda: hook(step, gid))
+            case Acquire():
+                conn, self._conn_autocommit = await coord._acquire()
+                return conn
+            case Release():
+                if self._conn is not None:
+                    await coord._give_back(self._conn, self._conn_autocommit)
+            case _:  # pragma: no cover
+                raise AssertionError(effect)
+        return None
