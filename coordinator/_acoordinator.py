@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -23,7 +25,7 @@ from ._effects import NoConnection
 from ._enums import Phase
 from ._errmap import describe, pg_startup_error
 from .config import CoordinatorConfig
-from .errors import ServiceUnavailable, UsageError
+from .errors import ConfigurationError, ServiceUnavailable, UsageError
 from .prepared import Connection
 
 __all__ = ["AsyncCoordinator", "AsyncTransaction"]
@@ -64,6 +66,11 @@ class AsyncCoordinator(CoordinatorBase):
         instance: str | None = None,
         config: CoordinatorConfig | None = None,
     ) -> None:
+        if not isinstance(postgres, str | AsyncConnectionPool):
+            raise ConfigurationError(
+                "AsyncCoordinator needs postgres= as a conninfo string or a "
+                f"psycopg_pool.AsyncConnectionPool, not {type(postgres).__name__}",
+                phase=Phase.STARTUP)
         super().__init__(postgres, kafka, name, instance=instance, config=config)
         self._pool: AsyncConnectionPool[Any] | None = None
         self._owns_pool = False
@@ -222,7 +229,10 @@ class AsyncCoordinator(CoordinatorBase):
         threads = self._waiting_threads if waits_for_others else self._kafka_threads
         if threads is None:
             raise UsageError("the coordinator is not open")
-        return await asyncio.get_running_loop().run_in_executor(threads, call)
+        # The task's context variables go along (as with asyncio.to_thread).
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            threads, functools.partial(context.run, call))
 
     async def _acquire(self) -> tuple[AsyncConnection, bool]:
         """A pooled connection, idle and in autocommit mode, and its autocommit

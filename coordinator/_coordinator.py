@@ -19,7 +19,7 @@ from ._enums import Phase
 from ._errmap import describe, pg_startup_error
 from ._transaction import Transaction
 from .config import CoordinatorConfig
-from .errors import ServiceUnavailable, UsageError
+from .errors import ConfigurationError, ServiceUnavailable, UsageError
 from .prepared import Connection
 
 __all__ = ["Coordinator", "Transaction"]
@@ -51,6 +51,11 @@ class Coordinator(CoordinatorBase):
         instance: str | None = None,
         config: CoordinatorConfig | None = None,
     ) -> None:
+        if not isinstance(postgres, str | ConnectionPool):
+            raise ConfigurationError(
+                "Coordinator needs postgres= as a conninfo string or a "
+                f"psycopg_pool.ConnectionPool, not {type(postgres).__name__} (for an "
+                "AsyncConnectionPool, use AsyncCoordinator)", phase=Phase.STARTUP)
         super().__init__(postgres, kafka, name, instance=instance, config=config)
         self._pool: ConnectionPool[Any] | None = None
         self._owns_pool = False

@@ -28,6 +28,7 @@ from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
 from coordinator import (
+    AsyncCoordinator,
     Coordinator,
     CoordinatorConfig,
     DecisionRecord,
@@ -35,6 +36,7 @@ from coordinator import (
     GroupCommit,
 )
 from coordinator.gid import parse
+from tests.plugins.drivers import Blocking, EventLoopThread
 from tests.plugins.kafka_helpers import Record, read_committed
 
 
@@ -55,7 +57,11 @@ class Env:
     instance: str
     decision_topic: DecisionTopic
     topic_factory: Callable[..., str]
-    _coordinators: list[Coordinator] = field(default_factory=list)
+    driver: str = "sync"
+    """``sync``: :class:`Coordinator`; ``async``: :class:`AsyncCoordinator` behind a
+    blocking view (``tests/plugins/drivers.py``)."""
+    _coordinators: list[Any] = field(default_factory=list)
+    _loop: EventLoopThread | None = None
 
     @property
     def kafka(self) -> dict[str, Any]:
@@ -73,17 +79,39 @@ class Env:
 
     def coordinator(self, *, instance: str | None = None, name: str | None = None,
                     postgres: Any = None, **overrides: Any) -> Coordinator:
-        """An open coordinator, closed at teardown."""
-        coord = Coordinator(
+        """An open coordinator of this test's driver, closed at teardown."""
+        coord = self.new_coordinator(instance=instance, name=name, postgres=postgres,
+                                     **overrides)
+        coord.open()
+        self._coordinators.append(coord)
+        return coord
+
+    def new_coordinator(self, *, instance: str | None = None, name: str | None = None,
+                        postgres: Any = None, **overrides: Any) -> Coordinator:
+        """A coordinator of this test's driver, not opened (the caller closes it)."""
+        kind: Any = Coordinator if self.driver == "sync" else AsyncCoordinator
+        made = kind(
             postgres=postgres if postgres is not None else self.dsn,
             kafka=self.kafka,
             name=name or self.name,
             instance=instance or self.instance,
             config=self.config(**overrides),
         )
-        coord.open()
-        self._coordinators.append(coord)
-        return coord
+        if self.driver == "sync":
+            return made  # type: ignore[no-any-return]
+        if self._loop is None:
+            self._loop = EventLoopThread()
+        view: Any = Blocking(made, self._loop)
+        return view  # type: ignore[no-any-return]
+
+    def recover_own(self, coord: Any, config: Any = None) -> Any:
+        """``recovery.recover_own`` (or ``arecover_own`` for the async driver)."""
+        import recovery
+
+        if self.driver == "sync":
+            return recovery.recover_own(coord, self.kafka, config)
+        assert self._loop is not None
+        return self._loop.run(recovery.arecover_own(coord.wrapped, self.kafka, config))
 
     def topic(self, partitions: int = 1, config: dict[str, str] | None = None) -> str:
         return self.topic_factory(partitions=partitions, config=config)
@@ -170,12 +198,28 @@ class Env:
         for coord in reversed(self._coordinators):
             coord.close()
         self._coordinators.clear()
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Modules with ``BOTH_DRIVERS = True`` run each ``env`` test with both drivers."""
+    if ("env" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_DRIVERS", False)
+            and metafunc.definition.get_closest_marker("sync_only") is None):
+        metafunc.parametrize("driver", ["sync", "async"], indirect=True)
+
+
+@pytest.fixture
+def driver(request: pytest.FixtureRequest) -> str:
+    """The coordinator driver of the test: ``sync`` unless parametrized."""
+    return str(getattr(request, "param", "sync"))
 
 
 @pytest.fixture
 def env(
     pg_dsn: str, pg_db: str, kafka_bootstrap: str, topic_factory: Callable[..., str],
-    unique_name: str,
+    unique_name: str, driver: str,
 ) -> Iterator[Env]:
     suffix = uuid.uuid4().hex[:10]
     e = Env(
@@ -186,6 +230,7 @@ def env(
         instance=f"i{suffix}",
         decision_topic=DecisionTopic(name=f"pk2pc.test-decisions.{suffix}", partitions=3),
         topic_factory=topic_factory,
+        driver=driver,
     )
     try:
         yield e

@@ -33,6 +33,9 @@ needs_faketime = pytest.mark.skipif(shutil.which("faketime") is None,
                                     reason="libfaketime (Debian package faketime) missing")
 
 
+BOTH_DRIVERS = True  # each env test runs with Coordinator and with AsyncCoordinator
+
+
 def create_time_ms(env: Env, topic: str, partition: int) -> int:
     from confluent_kafka import Consumer
 

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
+BOTH_DRIVERS = True  # each env test runs with Coordinator and with AsyncCoordinator
+
+
 class AfterKafkaCommit:
     """An ``on_step`` hook: runs ``action`` when a transaction has passed the commit point
     (the Kafka commit returned COMMITTED) and before its COMMIT PREPARED, while

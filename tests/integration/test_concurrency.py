@@ -23,6 +23,9 @@ THREADS = 16
 OPS = 100
 
 
+BOTH_DRIVERS = True  # each env test runs with Coordinator and with AsyncCoordinator
+
+
 class Refused(Exception):
     """Raised inside the block on purpose: the operation must leave no trace."""
 

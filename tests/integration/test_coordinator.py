@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.integration
 
 
+BOTH_DRIVERS = True  # each env test runs with Coordinator and with AsyncCoordinator
+
+
 def test_happy_path_usage(env: Env, orders: str) -> None:
     topic = env.topic()
     # Exactly the README's usage (only the DSN, brokers, name and topic differ).

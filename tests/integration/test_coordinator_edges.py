@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.integration
 
 
+BOTH_DRIVERS = True  # each env test runs with Coordinator and with AsyncCoordinator
+
+
 def test_temporary_table_is_prepare_forbidden(
     env: Env, orders: str, group_commit: GroupCommit | None
 ) -> None:

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
+BOTH_DRIVERS = True  # each env test runs with Coordinator and with AsyncCoordinator
+
+
 def test_fenced_producer_rolls_back_and_recovers(
     env: Env, orders: str, group_commit: GroupCommit | None
 ) -> None:

@@ -22,6 +22,9 @@ pytestmark = pytest.mark.integration
 MEMBERS = 6
 
 
+BOTH_DRIVERS = True  # each env test runs with Coordinator and with AsyncCoordinator
+
+
 def run_members(coord: Coordinator, topic: str, bad: int | None = None, bad_kind: str = "",
                 ) -> dict[int, tuple[Status, str | None, BaseException | None]]:
     """MEMBERS threads end their blocks together; member ``bad`` misbehaves."""

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
+BOTH_DRIVERS = True  # each env test runs with Coordinator and with AsyncCoordinator
+
+
 class FaultyProducer:
     """Delegates to a real producer; ``commit_transaction`` first raises the queued errors."""
 

@@ -41,6 +41,9 @@ pytestmark = pytest.mark.integration
 # -- a second PostgreSQL cluster with max_prepared_transactions = 0 ----------------------
 
 
+BOTH_DRIVERS = True  # each env test runs with Coordinator and with AsyncCoordinator
+
+
 def _pg_bin(tool: str) -> str:
     found = shutil.which(tool) or next(
         iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"), reverse=True)), None
@@ -270,6 +273,7 @@ def test_same_name_and_instance_twice_is_refused(env: Env) -> None:
     env.coordinator()
 
 
+@pytest.mark.sync_only  # a psycopg_pool.ConnectionPool; the async form: test_async_coordinator
 def test_borrowed_pool_is_not_closed(env: Env) -> None:
     env.execute("CREATE TABLE orders (id int PRIMARY KEY, total int NOT NULL)")
     topic = env.topic()

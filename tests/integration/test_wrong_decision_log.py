@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
+BOTH_DRIVERS = True  # each env test runs with Coordinator and with AsyncCoordinator
+
+
 def committed_in_kafka_then_dead(env: Env) -> tuple[str, str]:
     """A transaction whose Kafka commit passed and whose process "died" before COMMIT
     PREPARED."""
