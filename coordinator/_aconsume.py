@@ -23,7 +23,6 @@ from ._atransaction import AsyncTransaction
 from ._consumecore import (
     ConsumeEffect,
     ConsumeLoop,
-    ConsumerStats,
     DeadLetter,
     Transact,
     drive,
@@ -33,6 +32,7 @@ from ._effects import Blocking, Execute, Sleep, execute_async
 
 if TYPE_CHECKING:
     from ._acoordinator import AsyncCoordinator
+    from ._consumecore import ConsumerStats, ConsumeSettings
 
 __all__ = ["AsyncHandler", "arun_consumer"]
 
@@ -41,23 +41,11 @@ AsyncHandler = Callable[[AsyncTransaction, Sequence[Message]], Awaitable[None]]
 transaction; as for the synchronous ``Handler``, it may only write through ``tx``."""
 
 
-async def arun_consumer(
-    coord: AsyncCoordinator,
-    consumer: Consumer,
-    handle: AsyncHandler,
-    *,
-    batch_size: int = 500,
-    batch_timeout: float = 0.1,
-    max_attempts: int = 5,
-    dead_letter_topic: str | None = None,
-    stop: asyncio.Event | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    decision_poll: float = 1.0,
-) -> ConsumerStats:
-    """:func:`coordinator._consume.run_consumer` as a coroutine."""
+async def arun_consumer(coord: AsyncCoordinator, consumer: Consumer, handle: AsyncHandler,
+                        settings: ConsumeSettings, stop: asyncio.Event | None) -> ConsumerStats:
+    """``run_consumer`` (``_consume.py``) as a coroutine."""
     stopping = stop or asyncio.Event()
-    loop = ConsumeLoop(consumer, batch_size, batch_timeout, max_attempts, dead_letter_topic,
-                       stopping.is_set, sleep, decision_poll, coord.config.kafka_timeout)
+    loop = ConsumeLoop(consumer, settings, stopping.is_set, coord.config.kafka_timeout)
 
     async def perform(effect: ConsumeEffect) -> Any:
         match effect:

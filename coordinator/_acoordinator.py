@@ -20,7 +20,7 @@ from ._aconsume import AsyncHandler, arun_consumer
 from ._atransaction import AsyncConnection, AsyncTransaction
 from ._base import CoordinatorBase
 from ._committer import Committer
-from ._consumecore import ConsumerStats
+from ._consumecore import ConsumerStats, ConsumeSettings
 from ._effects import NoConnection
 from ._enums import Phase
 from ._errmap import describe, pg_startup_error
@@ -209,9 +209,8 @@ class AsyncCoordinator(CoordinatorBase):
         :meth:`Coordinator.run_consumer` on the event loop (the same decisions:
         splitting, retries, the dead-letter topic, waiting out unknown outcomes).
         The consumer's calls run in worker threads."""
-        return await arun_consumer(self, consumer, handle, batch_size=batch_size,
-                                   batch_timeout=batch_timeout, max_attempts=max_attempts,
-                                   dead_letter_topic=dead_letter_topic, stop=stop)
+        settings = ConsumeSettings(batch_size, batch_timeout, max_attempts, dead_letter_topic)
+        return await arun_consumer(self, consumer, handle, settings, stop)
 
     @contextlib.asynccontextmanager
     async def connection(self, timeout: float | None = None) -> AsyncIterator[AsyncConnection]:

@@ -29,6 +29,7 @@ from ._consumecore import (
     ConsumeEffect,
     ConsumeLoop,
     ConsumerStats,
+    ConsumeSettings,
     DeadLetter,
     Transact,
     drive,
@@ -63,8 +64,9 @@ def run_consumer(
     decision_poll: float = 1.0,
 ) -> ConsumerStats:
     """Consume and handle batches until ``stop`` is set; see the module docstring."""
-    loop = ConsumeLoop(consumer, batch_size, batch_timeout, max_attempts, dead_letter_topic,
-                       (stop or threading.Event()).is_set, sleep, decision_poll,
+    settings = ConsumeSettings(batch_size, batch_timeout, max_attempts, dead_letter_topic,
+                               sleep, decision_poll)
+    loop = ConsumeLoop(consumer, settings, (stop or threading.Event()).is_set,
                        coord.config.kafka_timeout)
 
     async def perform(effect: ConsumeEffect) -> Any:  # never suspends: see run_now

@@ -47,6 +47,7 @@ from .errors import (
 __all__ = [
     "ConsumeEffect",
     "ConsumeLoop",
+    "ConsumeSettings",
     "ConsumerStats",
     "DeadLetter",
     "Transact",
@@ -127,18 +128,31 @@ def handler_failures() -> Iterator[None]:
         raise HandlerFailed(exc) from exc
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumeSettings:
+    """``run_consumer``'s parameters (see ``Coordinator.run_consumer``)."""
+
+    batch_size: int = 500
+    batch_timeout: float = 0.1
+    max_attempts: int = 5
+    dead_letter_topic: str | None = None
+    sleep: Callable[[float], None] = time.sleep
+    """The pause between retries (a test seam)."""
+    decision_poll: float = 1.0
+    """How long each poll of the consumer lasts while waiting for recovery."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_attempts < 1 or self.batch_timeout < 0:
+            raise ValueError("batch_size and max_attempts must be >= 1, batch_timeout >= 0")
+
+
 @dataclass
 class ConsumeLoop:
     """The state and the decisions of one ``run_consumer`` run (see ``_consume.py``)."""
 
     consumer: Consumer
-    batch_size: int
-    batch_timeout: float
-    max_attempts: int
-    dead_letter_topic: str | None
+    settings: ConsumeSettings
     stopped: Callable[[], bool]
-    sleep: Callable[[float], None]
-    decision_poll: float
     kafka_timeout: float
     stats: ConsumerStats = field(default_factory=ConsumerStats)
     attempts: dict[tuple[str, int, int], int] = field(default_factory=dict)
@@ -146,14 +160,11 @@ class ConsumeLoop:
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
     """Per partition, the offset this loop's own commits have reached."""
 
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_attempts < 1 or self.batch_timeout < 0:
-            raise ValueError("batch_size and max_attempts must be >= 1, batch_timeout >= 0")
-
     def run(self) -> _Flow[ConsumerStats]:
         """Consume and handle batches until stopped."""
-        consume = functools.partial(self.consumer.consume, num_messages=self.batch_size,
-                                    timeout=self.batch_timeout)
+        consume = functools.partial(self.consumer.consume,
+                                    num_messages=self.settings.batch_size,
+                                    timeout=self.settings.batch_timeout)
         while not self.stopped():
             batch = []
             for m in (yield Blocking(consume)):
@@ -199,7 +210,7 @@ class ConsumeLoop:
                 self.failures_in_a_row += 1
                 self.stats.retries += 1
                 log.warning("batch of %d rolled back (%s); consuming it again", len(part), exc)
-                yield Sleep(min(5.0, 0.1 * 2 ** self.failures_in_a_row), self.sleep)
+                yield Sleep(min(5.0, 0.1 * 2 ** self.failures_in_a_row), self.settings.sleep)
                 break
         else:
             if not rewound and not self.stopped():
@@ -232,20 +243,19 @@ class ConsumeLoop:
         msg = part[0]
         key = (str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0))
         self.attempts[key] = self.attempts.get(key, 0) + 1
-        if self.attempts[key] < self.max_attempts:
+        if self.attempts[key] < self.settings.max_attempts:
             return [part]
-        if self.dead_letter_topic is None:
+        if self.settings.dead_letter_topic is None:
             yield from self._rewind([msg])
             raise PoisonMessage(
                 f"the handler failed {self.attempts[key]} times on {key[0]}[{key[1]}] offset "
                 f"{key[2]} ({describe(cause)}) and there is no dead-letter topic; the "
                 "consumer stays at that message", topic=key[0], partition=key[1],
                 offset=key[2]) from cause
-        yield from self._dead_letter(msg, cause)
+        yield from self._dead_letter(msg, cause, self.settings.dead_letter_topic)
         return []
 
-    def _dead_letter(self, msg: Message, cause: BaseException) -> _Flow[None]:
-        assert self.dead_letter_topic is not None
+    def _dead_letter(self, msg: Message, cause: BaseException, topic: str) -> _Flow[None]:
         headers: list[tuple[str, bytes]] = []
         for item in msg.headers() or []:
             k, v = item[0], item[1]
@@ -254,15 +264,14 @@ class ConsumeLoop:
                     ("pk2pc.dlq.partition", str(msg.partition()).encode()),
                     ("pk2pc.dlq.offset", str(msg.offset()).encode()),
                     ("pk2pc.dlq.error", describe(cause).encode())]
-        yield Transact([msg], DeadLetter(self.dead_letter_topic, msg.value(), msg.key(),
-                                         headers))
+        yield Transact([msg], DeadLetter(topic, msg.value(), msg.key(), headers))
         self._committed([msg])
         self.stats.batches += 1
         self.stats.messages += 1
         self.stats.dead_lettered += 1
         log.warning("%s[%s] offset %s written to the dead-letter topic %s after %d attempts "
-                    "(%s)", msg.topic(), msg.partition(), msg.offset(), self.dead_letter_topic,
-                    self.max_attempts, describe(cause))
+                    "(%s)", msg.topic(), msg.partition(), msg.offset(), topic,
+                    self.settings.max_attempts, describe(cause))
 
     def _owned(self, part: list[Message]) -> _Flow[list[Message]]:
         """The messages of partitions still assigned to the consumer: a rebalance
@@ -297,7 +306,7 @@ class ConsumeLoop:
         started = time.monotonic()
         try:
             while not self.stopped() and (yield from self._prepared(gid)):
-                yield Blocking(functools.partial(consumer.poll, self.decision_poll))
+                yield Blocking(functools.partial(consumer.poll, self.settings.decision_poll))
                 if time.monotonic() - started > 60:
                     log.warning("gid=%s still in doubt after %.0f s: is the recovery job "
                                 "scheduled?", gid, time.monotonic() - started)
