@@ -5,6 +5,7 @@ row and one output message, whatever fails; poison messages go to the dead-lette
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -14,6 +15,8 @@ from confluent_kafka import Consumer, Message
 
 import recovery
 from coordinator import (
+    AsyncTransaction,
+    ConsumerStats,
     Coordinator,
     GroupCommit,
     PoisonMessage,
@@ -23,7 +26,15 @@ from coordinator import (
     Transaction,
 )
 from recovery import RecoveryConfig
-from tests.integration.consume import DRIVERS, Pipeline, Write, open_driver, pipeline
+from tests.integration.consume import (
+    DRIVERS,
+    AsyncDriver,
+    Pipeline,
+    Write,
+    aapply,
+    open_driver,
+    pipeline,
+)
 from tests.integration.safety import Crash
 
 if TYPE_CHECKING:
@@ -260,3 +271,48 @@ def test_rolled_back_transaction_reports_and_rewinds(env: Env) -> None:
     finally:
         consumer.close()
     assert p.committed() == {0: -1001}
+
+
+def test_async_run_consumer_leaves_the_event_loop_free(env: Env) -> None:
+    """The consumer's calls run in worker threads: a poll that waits a whole second
+    for messages never holds up the event loop (a ticker task keeps its pace)."""
+    p = pipeline(env, partitions=1)
+    keys = p.feed(20)
+    consumer = p.consumer()
+
+    async def main(d: AsyncDriver) -> tuple[ConsumerStats, float]:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        lags: list[float] = []
+
+        async def tick() -> None:
+            while not stop.is_set():
+                started = loop.time()
+                await asyncio.sleep(0.01)
+                lags.append(loop.time() - started - 0.01)
+
+        async def watch() -> None:
+            while sum((await asyncio.to_thread(p.rows)).values()) < 20:
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(2.5)  # two more polls that find nothing
+            stop.set()
+
+        async def handle(tx: AsyncTransaction, messages: Sequence[Message]) -> None:
+            await aapply(tx, p.plan(messages))
+
+        tasks = [asyncio.create_task(tick()), asyncio.create_task(watch())]
+        stats = await asyncio.wait_for(
+            d.acoord.run_consumer(consumer, handle, batch_size=5, batch_timeout=1.0,
+                                  stop=stop), 120)
+        await asyncio.gather(*tasks)
+        return stats, max(lags)
+
+    try:
+        with open_driver("async", env) as d:
+            assert isinstance(d, AsyncDriver)
+            stats, lag = d.runner.run(main(d))
+    finally:
+        consumer.close()
+    p.assert_exactly_once(keys)
+    assert stats.messages == 20
+    assert lag < 0.5, f"the event loop was held up for {lag:.2f} s"
