@@ -50,6 +50,7 @@ __all__ = [
     "ConsumeSettings",
     "ConsumerStats",
     "DeadLetter",
+    "HandlerFailed",
     "Transact",
     "drive",
     "handler_failures",
@@ -59,6 +60,7 @@ __all__ = [
 log = logging.getLogger("coordinator.consume")
 
 T = TypeVar("T")
+E = TypeVar("E")
 
 
 @dataclass
@@ -321,9 +323,10 @@ class ConsumeLoop:
         return bool(results[0].rows)
 
 
-async def drive(flow: _Flow[T],
-                perform: Callable[[ConsumeEffect], Awaitable[Any]]) -> T:
-    """Run ``flow``, performing each effect it yields with ``perform``."""
+async def drive(flow: Generator[E, Any, T], perform: Callable[[E], Awaitable[Any]]) -> T:
+    """Run ``flow``, performing each effect it yields with ``perform`` (whose
+    result is sent back in, or its exception thrown in). Nothing here is the
+    consume loop's own: any flow of effects can be driven so."""
     try:
         effect = next(flow)
         while True:
