@@ -18,9 +18,11 @@ from confluent_kafka import Consumer, Message
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
+from ._aconsume import AsyncHandler, arun_consumer
 from ._atransaction import AsyncConnection, AsyncTransaction
 from ._base import CoordinatorBase
 from ._committer import Committer
+from ._consumecore import ConsumerStats, ConsumeSettings
 from ._effects import NoConnection
 from ._enums import Phase
 from ._errmap import describe, pg_startup_error
@@ -197,6 +199,25 @@ class AsyncCoordinator(CoordinatorBase):
         (see :meth:`Coordinator.transaction`)."""
         return AsyncTransaction(self, idempotency_key,
                                 self._batch(idempotency_key, consumer, consumed))
+
+    async def run_consumer(
+        self,
+        consumer: Consumer,
+        handle: AsyncHandler,
+        *,
+        batch_size: int = 500,
+        batch_timeout: float = 0.1,
+        max_attempts: int = 5,
+        dead_letter_topic: str | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> ConsumerStats:
+        """Consume batches and ``await handle(tx, messages)`` each in one coordinated
+        transaction that also commits the batch's offsets, until ``stop`` is set:
+        :meth:`Coordinator.run_consumer` on the event loop (the same decisions:
+        splitting, retries, the dead-letter topic, waiting out unknown outcomes).
+        The consumer's calls run in worker threads."""
+        settings = ConsumeSettings(batch_size, batch_timeout, max_attempts, dead_letter_topic)
+        return await arun_consumer(self, consumer, handle, settings, stop)
 
     @contextlib.asynccontextmanager
     async def connection(self, timeout: float | None = None) -> AsyncIterator[AsyncConnection]:

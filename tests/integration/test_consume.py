@@ -5,8 +5,9 @@ row and one output message, whatever fails; poison messages go to the dead-lette
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import pytest
@@ -14,6 +15,8 @@ from confluent_kafka import Consumer, Message
 
 import recovery
 from coordinator import (
+    AsyncTransaction,
+    ConsumerStats,
     Coordinator,
     GroupCommit,
     PoisonMessage,
@@ -23,7 +26,15 @@ from coordinator import (
     Transaction,
 )
 from recovery import RecoveryConfig
-from tests.integration.consume import Pipeline, pipeline
+from tests.integration.consume import (
+    DRIVERS,
+    AsyncDriver,
+    Pipeline,
+    Write,
+    aapply,
+    open_driver,
+    pipeline,
+)
 from tests.integration.safety import Crash
 
 if TYPE_CHECKING:
@@ -66,72 +77,86 @@ def run_until(coord: Coordinator, p: Pipeline, consumer: Consumer, done: int,
     return watcher
 
 
-def test_a_batch_commits_its_offsets_with_the_transaction(env: Env) -> None:
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    """Both drivers of the consume path: ``Coordinator`` and ``AsyncCoordinator``."""
+    kind: str = request.param
+    return kind
+
+
+def rows_at_least(p: Pipeline, n: int) -> Callable[[], bool]:
+    return lambda: sum(p.rows().values()) >= n
+
+
+def test_a_batch_commits_its_offsets_with_the_transaction(env: Env, driver: str) -> None:
     p = pipeline(env)
     keys = p.feed(30)
-    coord = env.coordinator()
     consumer = p.consumer()
     try:
-        batch = consume_n(consumer, 30)
-        with coord.transaction(consumer=consumer, consumed=batch) as tx:
-            p.handle(tx, batch)
-        assert tx.status is Status.COMMITTED
+        with open_driver(driver, env) as d:
+            batch = consume_n(consumer, 30)
+            assert d.transact(consumer, batch, p.plan) is Status.COMMITTED
         assert p.committed() == {0: 10, 1: 10, 2: 10}
     finally:
         consumer.close()
     p.assert_exactly_once(keys)
 
 
-def test_a_rolled_back_batch_is_delivered_again(env: Env) -> None:
+def test_a_rolled_back_batch_is_delivered_again(env: Env, driver: str) -> None:
     p = pipeline(env, partitions=1)
     p.feed(5)
-    coord = env.coordinator()
     consumer = p.consumer()
+
+    def failing(messages: Sequence[Message]) -> list[Write]:
+        p.plan(messages)
+        raise RuntimeError("the handler failed")
+
     try:
-        batch = consume_n(consumer, 5)
-        with pytest.raises(RuntimeError), coord.transaction(consumer=consumer,
-                                                            consumed=batch) as tx:
-            p.handle(tx, batch)
-            raise RuntimeError("the handler failed")
-        again = consume_n(consumer, 5)
-        assert [m.offset() for m in again] == [m.offset() for m in batch]
-        with coord.transaction(consumer=consumer, consumed=again) as tx:
-            p.handle(tx, again)
+        with open_driver(driver, env) as d:
+            batch = consume_n(consumer, 5)
+            with pytest.raises(RuntimeError):
+                d.transact(consumer, batch, failing)
+            again = consume_n(consumer, 5)
+            assert [m.offset() for m in again] == [m.offset() for m in batch]
+            d.transact(consumer, again, p.plan)
     finally:
         consumer.close()
     assert p.committed() == {0: 5}
     p.assert_exactly_once([f"m-{i}" for i in range(5)])
 
 
-def test_run_consumer_exactly_once(env: Env, group_commit: GroupCommit | None) -> None:
+def test_run_consumer_exactly_once(env: Env, group_commit: GroupCommit | None,
+                                   driver: str) -> None:
     p = pipeline(env)
     keys = p.feed(300)
-    coord = env.coordinator(group_commit=group_commit)
     consumer = p.consumer()
     try:
-        run_until(coord, p, consumer, 300, batch_size=40)
+        with open_driver(driver, env, group_commit=group_commit) as d:
+            stats = d.run_consumer(consumer, p.plan, rows_at_least(p, 300), batch_size=40,
+                                   batch_timeout=0.2)
     finally:
         consumer.close()
     p.assert_exactly_once(keys)
     assert p.committed() == {0: 100, 1: 100, 2: 100}
+    assert stats.messages == 300 and stats.dead_lettered == 0
 
 
-def test_poison_message_goes_to_the_dead_letter_topic(env: Env) -> None:
+def test_poison_message_goes_to_the_dead_letter_topic(env: Env, driver: str) -> None:
     p = pipeline(env)
     keys = p.feed(60)
     dlq = env.topic()
-    coord = env.coordinator()
     consumer = p.consumer()
     poison = "m-17"
 
-    def handle(tx: Transaction, messages: Sequence[Message]) -> None:
+    def plan(messages: Sequence[Message]) -> list[Write]:
         if any(m.key() == poison.encode() for m in messages):
             raise ValueError("cannot bill this one")
-        p.handle(tx, messages)
+        return p.plan(messages)
 
     try:
-        run_until(coord, p, consumer, 59, batch_size=20, handle=handle, max_attempts=3,
-                  dead_letter_topic=dlq)
+        with open_driver(driver, env) as d:
+            stats = d.run_consumer(consumer, plan, rows_at_least(p, 59), batch_size=20,
+                                   batch_timeout=0.2, max_attempts=3, dead_letter_topic=dlq)
     finally:
         consumer.close()
     p.assert_exactly_once([k for k in keys if k != poison])
@@ -142,9 +167,10 @@ def test_poison_message_goes_to_the_dead_letter_topic(env: Env) -> None:
     assert headers["pk2pc.dlq.offset"] == b"5"  # m-17 is the 6th message of partition 2
     assert b"cannot bill this one" in (headers["pk2pc.dlq.error"] or b"")
     assert p.committed() == {0: 20, 1: 20, 2: 20}
+    assert stats.dead_lettered == 1 and stats.handler_failures >= 3
 
 
-def test_a_lost_postgres_connection_is_not_the_handlers_failure(env: Env) -> None:
+def test_a_lost_postgres_connection_is_not_the_handlers_failure(env: Env, driver: str) -> None:
     """A connection error inside the handler is an outage, not a poison message: the
     batch is consumed again, nothing is dead-lettered."""
     import psycopg
@@ -152,39 +178,40 @@ def test_a_lost_postgres_connection_is_not_the_handlers_failure(env: Env) -> Non
     p = pipeline(env, partitions=1)
     keys = p.feed(10)
     dlq = env.topic()
-    coord = env.coordinator()
     consumer = p.consumer()
     failures = [psycopg.OperationalError("server closed the connection unexpectedly")] * 3
 
-    def handle(tx: Transaction, messages: Sequence[Message]) -> None:
+    def plan(messages: Sequence[Message]) -> list[Write]:
         if failures:
             raise failures.pop()
-        p.handle(tx, messages)
+        return p.plan(messages)
 
     try:
-        run_until(coord, p, consumer, 10, batch_size=1, handle=handle, max_attempts=2,
-                  dead_letter_topic=dlq)
+        with open_driver(driver, env) as d:
+            stats = d.run_consumer(consumer, plan, rows_at_least(p, 10), batch_size=1,
+                                   batch_timeout=0.2, max_attempts=2, dead_letter_topic=dlq)
     finally:
         consumer.close()
     p.assert_exactly_once(keys)
     assert env.read(dlq) == []
+    assert (stats.retries, stats.handler_failures) == (3, 0)
 
 
-def test_poison_message_without_dead_letter_topic_stops_the_loop(env: Env) -> None:
+def test_poison_message_without_dead_letter_topic_stops_the_loop(env: Env,
+                                                                 driver: str) -> None:
     p = pipeline(env, partitions=1)
     p.feed(10)
-    coord = env.coordinator()
     consumer = p.consumer()
 
-    def handle(tx: Transaction, messages: Sequence[Message]) -> None:
+    def plan(messages: Sequence[Message]) -> list[Write]:
         if any(m.key() == b"m-6" for m in messages):
             raise ValueError("poison")
-        p.handle(tx, messages)
+        return p.plan(messages)
 
     try:
-        with pytest.raises(PoisonMessage) as info:
-            coord.run_consumer(consumer, handle, batch_size=10, max_attempts=2,
-                               batch_timeout=0.5)
+        with open_driver(driver, env) as d, pytest.raises(PoisonMessage) as info:
+            d.run_consumer(consumer, plan, lambda: False, batch_size=10, max_attempts=2,
+                           batch_timeout=0.5)
     finally:
         consumer.close()
     assert (info.value.partition, info.value.offset) == (0, 6)
@@ -244,3 +271,48 @@ def test_rolled_back_transaction_reports_and_rewinds(env: Env) -> None:
     finally:
         consumer.close()
     assert p.committed() == {0: -1001}
+
+
+def test_async_run_consumer_leaves_the_event_loop_free(env: Env) -> None:
+    """The consumer's calls run in worker threads: a poll that waits a whole second
+    for messages never holds up the event loop (a ticker task keeps its pace)."""
+    p = pipeline(env, partitions=1)
+    keys = p.feed(20)
+    consumer = p.consumer()
+
+    async def main(d: AsyncDriver) -> tuple[ConsumerStats, float]:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        lags: list[float] = []
+
+        async def tick() -> None:
+            while not stop.is_set():
+                started = loop.time()
+                await asyncio.sleep(0.01)
+                lags.append(loop.time() - started - 0.01)
+
+        async def watch() -> None:
+            while sum((await asyncio.to_thread(p.rows)).values()) < 20:
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(2.5)  # two more polls that find nothing
+            stop.set()
+
+        async def handle(tx: AsyncTransaction, messages: Sequence[Message]) -> None:
+            await aapply(tx, p.plan(messages))
+
+        tasks = [asyncio.create_task(tick()), asyncio.create_task(watch())]
+        stats = await asyncio.wait_for(
+            d.acoord.run_consumer(consumer, handle, batch_size=5, batch_timeout=1.0,
+                                  stop=stop), 120)
+        await asyncio.gather(*tasks)
+        return stats, max(lags)
+
+    try:
+        with open_driver("async", env) as d:
+            assert isinstance(d, AsyncDriver)
+            stats, lag = d.runner.run(main(d))
+    finally:
+        consumer.close()
+    p.assert_exactly_once(keys)
+    assert stats.messages == 20
+    assert lag < 0.5, f"the event loop was held up for {lag:.2f} s"

@@ -1,0 +1,351 @@
+"""The consume loop's decisions, free of I/O: one copy for both drivers.
+
+:class:`ConsumeLoop` is what ``run_consumer`` does, written as a generator of
+effects (``_effects.py``): it yields "make this blocking consumer call"
+(:class:`Blocking`: consume a batch, read the assignment, rewind, pause,
+resume), "sleep" (:class:`Sleep`), "ask PostgreSQL" (:class:`Execute` on a
+pooled connection), and "run these messages in one coordinated transaction"
+(:class:`Transact`: with the handler, or producing a dead letter), and it
+receives each result or has its exception thrown in. What to do after a
+batch's outcome -- commit, split, retry, dead-letter, wait for recovery,
+rewind and consume again -- is decided here only.
+
+The synchronous driver (``_consume.py``) and the asyncio one (``_aconsume.py``)
+only perform the effects; both go through :func:`drive`, one loop written as a
+coroutine: the synchronous driver's ``perform`` never suspends, so
+:func:`run_now` finishes that coroutine in a single step, without an event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaException, Message
+
+from ._consumed import rewind
+from ._effects import Blocking, Execute, Result, Sleep
+from ._enums import Phase
+from ._errmap import describe, is_connection_error
+from ._txcore import TransactionCore
+from .errors import (
+    CommittedPendingRecovery,
+    ConfigurationError,
+    Diverged,
+    Error,
+    OutcomeUnknown,
+    PoisonMessage,
+    ServiceUnavailable,
+    UsageError,
+)
+
+__all__ = [
+    "ConsumeEffect",
+    "ConsumeLoop",
+    "ConsumeSettings",
+    "ConsumerStats",
+    "DeadLetter",
+    "HandlerFailed",
+    "Transact",
+    "drive",
+    "handler_failures",
+    "run_now",
+]
+
+log = logging.getLogger("coordinator.consume")
+
+T = TypeVar("T")
+E = TypeVar("E")
+
+
+@dataclass
+class ConsumerStats:
+    """What a ``run_consumer`` run did."""
+
+    batches: int = 0
+    """Transactions committed (batches, sub-batches and dead-letter transactions)."""
+    messages: int = 0
+    """Messages whose offsets were committed (dead-lettered ones included)."""
+    dead_lettered: int = 0
+    handler_failures: int = 0
+    retries: int = 0
+    """Batches retried after a failure that was not the handler's."""
+    in_doubt: list[str] = field(default_factory=list)
+    """gids the loop waited for recovery to decide."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A consumed message as it goes to the dead-letter topic."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+
+    def produce(self, tx: TransactionCore) -> None:
+        tx.produce(self.topic, value=self.value, key=self.key, headers=self.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Transact:
+    """Run one coordinated transaction that consumes ``messages`` (its Kafka
+    transaction commits their offsets): without ``dead_letter``, the handler
+    does the work, inside :func:`handler_failures`; with it, the transaction
+    only produces the dead letter. Returns nothing; raises what the
+    transaction raised."""
+
+    messages: list[Message]
+    dead_letter: DeadLetter | None = None
+
+
+ConsumeEffect = Blocking | Sleep | Execute | Transact
+_Flow = Generator[ConsumeEffect, Any, T]
+
+
+class HandlerFailed(Exception):
+    """The handler raised ``cause``: the batch's own failure."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+@contextlib.contextmanager
+def handler_failures() -> Iterator[None]:
+    """Around the handler's call: what it raises is the batch's failure
+    (:class:`HandlerFailed`), except a lost PostgreSQL connection, which is an
+    outage (:class:`ServiceUnavailable`: consume again, no dead-lettering)."""
+    try:
+        yield
+    except Exception as exc:
+        if is_connection_error(exc):
+            raise ServiceUnavailable(f"PostgreSQL: {describe(exc)}",
+                                     phase=Phase.EXECUTE) from exc
+        raise HandlerFailed(exc) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeSettings:
+    """``run_consumer``'s parameters (see ``Coordinator.run_consumer``)."""
+
+    batch_size: int = 500
+    batch_timeout: float = 0.1
+    max_attempts: int = 5
+    dead_letter_topic: str | None = None
+    sleep: Callable[[float], None] = time.sleep
+    """The pause between retries (a test seam)."""
+    decision_poll: float = 1.0
+    """How long each poll of the consumer lasts while waiting for recovery."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_attempts < 1 or self.batch_timeout < 0:
+            raise ValueError("batch_size and max_attempts must be >= 1, batch_timeout >= 0")
+
+
+@dataclass
+class ConsumeLoop:
+    """The state and the decisions of one ``run_consumer`` run (see ``_consume.py``)."""
+
+    consumer: Consumer
+    settings: ConsumeSettings
+    stopped: Callable[[], bool]
+    kafka_timeout: float
+    stats: ConsumerStats = field(default_factory=ConsumerStats)
+    attempts: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    failures_in_a_row: int = 0
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Per partition, the offset this loop's own commits have reached."""
+
+    def run(self) -> _Flow[ConsumerStats]:
+        """Consume and handle batches until stopped."""
+        consume = functools.partial(self.consumer.consume,
+                                    num_messages=self.settings.batch_size,
+                                    timeout=self.settings.batch_timeout)
+        while not self.stopped():
+            batch = []
+            for m in (yield Blocking(consume)):
+                err = m.error()
+                if err is None:
+                    batch.append(m)
+                elif err.fatal():
+                    raise KafkaException(err)
+                else:
+                    log.debug("consumer event: %s", err.str())
+            if batch:
+                yield from self.batch(batch)
+        return self.stats
+
+    def batch(self, messages: list[Message]) -> _Flow[None]:
+        """Commit or dead-letter every message of a consumed batch, in order."""
+        pending: list[list[Message]] = [messages]
+        rewound = False
+        while pending and not self.stopped():
+            whole = pending.pop(0)
+            part = yield from self._owned(whole)
+            if len(part) < len(whole):
+                rewound = True  # make sure nothing dropped here is skipped if it stays ours
+            if not part:
+                continue
+            try:
+                yield from self._commit(part)
+                self.failures_in_a_row = 0
+                continue
+            except HandlerFailed as exc:
+                rewound = True
+                self.stats.handler_failures += 1
+                pending[:0] = yield from self._after_handler_failure(part, exc.cause)
+            except OutcomeUnknown as exc:
+                yield from self._wait_decided(exc.gid)
+                break  # the committed offsets say which way it went
+            except (Diverged, PoisonMessage, UsageError, ConfigurationError):
+                raise  # nothing to retry: a human (or the program) must act
+            except Error as exc:
+                # The coordinator's failure, not the handler's (a service down, a
+                # rebalance fencing the batch): go back to the committed offsets and
+                # consume again, which also serves the consumer's group events.
+                self.failures_in_a_row += 1
+                self.stats.retries += 1
+                log.warning("batch of %d rolled back (%s); consuming it again", len(part), exc)
+                yield Sleep(min(5.0, 0.1 * 2 ** self.failures_in_a_row), self.settings.sleep)
+                break
+        else:
+            if not rewound and not self.stopped():
+                return
+        # Failed transactions rewound the consumer; move it to the committed offsets
+        # (past everything committed or dead-lettered, at anything that was not).
+        yield from self._rewind(messages)
+
+    def _commit(self, part: list[Message]) -> _Flow[None]:
+        # CommittedPendingRecovery: committed; only COMMIT PREPARED is left to recovery
+        with contextlib.suppress(CommittedPendingRecovery):
+            yield Transact(part)
+        self._committed(part)
+        self.stats.batches += 1
+        self.stats.messages += len(part)
+
+    def _committed(self, part: Sequence[Message]) -> None:
+        for m in part:
+            key = (str(m.topic()), int(m.partition() or 0))
+            self.committed[key] = max(self.committed.get(key, 0), int(m.offset() or 0) + 1)
+
+    def _after_handler_failure(self, part: list[Message],
+                               cause: BaseException) -> _Flow[list[list[Message]]]:
+        """What to try next after the handler failed on ``part``."""
+        if len(part) > 1:
+            half = len(part) // 2
+            log.info("handler failed on a batch of %d (%s): splitting it", len(part),
+                     describe(cause))
+            return [part[:half], part[half:]]
+        msg = part[0]
+        key = (str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0))
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        if self.attempts[key] < self.settings.max_attempts:
+            return [part]
+        if self.settings.dead_letter_topic is None:
+            yield from self._rewind([msg])
+            raise PoisonMessage(
+                f"the handler failed {self.attempts[key]} times on {key[0]}[{key[1]}] offset "
+                f"{key[2]} ({describe(cause)}) and there is no dead-letter topic; the "
+                "consumer stays at that message", topic=key[0], partition=key[1],
+                offset=key[2]) from cause
+        yield from self._dead_letter(msg, cause, self.settings.dead_letter_topic)
+        return []
+
+    def _dead_letter(self, msg: Message, cause: BaseException, topic: str) -> _Flow[None]:
+        headers: list[tuple[str, bytes]] = []
+        for item in msg.headers() or []:
+            k, v = item[0], item[1]
+            headers.append((str(k), v if isinstance(v, bytes) else str(v or "").encode()))
+        headers += [("pk2pc.dlq.topic", str(msg.topic()).encode()),
+                    ("pk2pc.dlq.partition", str(msg.partition()).encode()),
+                    ("pk2pc.dlq.offset", str(msg.offset()).encode()),
+                    ("pk2pc.dlq.error", describe(cause).encode())]
+        yield Transact([msg], DeadLetter(topic, msg.value(), msg.key(), headers))
+        self._committed([msg])
+        self.stats.batches += 1
+        self.stats.messages += 1
+        self.stats.dead_lettered += 1
+        log.warning("%s[%s] offset %s written to the dead-letter topic %s after %d attempts "
+                    "(%s)", msg.topic(), msg.partition(), msg.offset(), topic,
+                    self.settings.max_attempts, describe(cause))
+
+    def _owned(self, part: list[Message]) -> _Flow[list[Message]]:
+        """The messages of partitions still assigned to the consumer: a rebalance
+        moved the others, whose new owner starts from the committed offsets."""
+        try:
+            assignment = yield Blocking(self.consumer.assignment)
+        except KafkaException:
+            return part
+        assigned = {(tp.topic, tp.partition) for tp in assignment}
+        return [m for m in part if (m.topic(), m.partition()) in assigned]
+
+    def _rewind(self, messages: Sequence[Message]) -> _Flow[None]:
+        # Where to go if the group's committed offsets cannot be read: the batch's
+        # first offsets, but never back over what this loop committed itself.
+        first: dict[tuple[str, int], int] = {}
+        for m in messages:
+            key = (str(m.topic()), int(m.partition() or 0))
+            first[key] = min(first.get(key, int(m.offset() or 0)), int(m.offset() or 0))
+        for key in first:
+            first[key] = max(first[key], self.committed.get(key, 0))
+        yield Blocking(functools.partial(rewind, self.consumer, first, self.kafka_timeout))
+
+    def _wait_decided(self, gid: str | None) -> _Flow[None]:
+        """Hold the consumer (its partitions paused, still polled so it stays in the
+        group) until ``gid`` is no longer prepared: recovery has decided it."""
+        if gid is None:
+            return
+        self.stats.in_doubt.append(gid)
+        consumer = self.consumer
+        assignment = yield Blocking(consumer.assignment)
+        yield Blocking(functools.partial(consumer.pause, assignment))
+        started = time.monotonic()
+        try:
+            while not self.stopped() and (yield from self._prepared(gid)):
+                yield Blocking(functools.partial(consumer.poll, self.settings.decision_poll))
+                if time.monotonic() - started > 60:
+                    log.warning("gid=%s still in doubt after %.0f s: is the recovery job "
+                                "scheduled?", gid, time.monotonic() - started)
+                    started = time.monotonic()
+        finally:
+            yield Blocking(functools.partial(consumer.resume, assignment))
+
+    def _prepared(self, gid: str) -> _Flow[bool]:
+        results: list[Result] = yield Execute(
+            "SELECT 1 FROM pg_prepared_xacts WHERE gid = %s AND database = current_database()",
+            (gid,), on_pool=True)
+        return bool(results[0].rows)
+
+
+async def drive(flow: Generator[E, Any, T], perform: Callable[[E], Awaitable[Any]]) -> T:
+    """Run ``flow``, performing each effect it yields with ``perform`` (whose
+    result is sent back in, or its exception thrown in). Nothing here is the
+    consume loop's own: any flow of effects can be driven so."""
+    try:
+        effect = next(flow)
+        while True:
+            try:
+                result = await perform(effect)
+            except BaseException as exc:
+                effect = flow.throw(exc)
+            else:
+                effect = flow.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+def run_now(coro: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never suspends (the synchronous driver's
+    :func:`drive`: every ``perform`` does its work on the spot)."""
+    try:
+        coro.send(None)
+    except StopIteration as end:
+        return end.value  # type: ignore[no-any-return]
+    coro.close()
+    raise AssertionError("the synchronous consume driver suspended")

@@ -1,0 +1,184 @@
+"""The consume loop's decisions, without a broker or a database: ``ConsumeLoop`` is a
+generator of effects, so a test performs them itself (a scripted consumer, scripted
+transaction outcomes) and reads what the loop asked for -- which sub-batches it ran,
+when it slept, where it rewound, how it waited for recovery."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import psycopg
+import pytest
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from coordinator import CommittedPendingRecovery, OutcomeUnknown, PoisonMessage, ServiceUnavailable
+from coordinator._consumecore import (
+    ConsumeEffect,
+    ConsumeLoop,
+    ConsumerStats,
+    ConsumeSettings,
+    DeadLetter,
+    HandlerFailed,
+    Transact,
+    drive,
+    handler_failures,
+    run_now,
+)
+from coordinator._effects import Blocking, Execute, Result, Sleep
+
+
+def msgs(*offsets: int, partition: int = 0) -> list[Message]:
+    return [Message(topic="in", partition=partition, offset=o, key=f"k{o}".encode(),
+                    value=f"v{o}".encode(), headers=None, error=None) for o in offsets]
+
+
+@dataclass
+class FakeConsumer:
+    """Delivers scripted batches, then nothing; records pauses, resumes and seeks."""
+
+    batches: list[list[Message]]
+    done: bool = False
+    """The script has run out (the loop's stop)."""
+    calls: list[str] = field(default_factory=list)
+    seeks: list[tuple[int, int]] = field(default_factory=list)
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        self.done = not self.batches
+        return self.batches.pop(0) if self.batches else []
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition("in", 0), TopicPartition("in", 1)]
+
+    def committed(self, tps: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, -1001) for tp in tps]
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.seeks.append((tp.partition, tp.offset))
+
+    def pause(self, tps: list[TopicPartition]) -> None:
+        self.calls.append("pause")
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        self.calls.append("resume")
+
+    def poll(self, timeout: float) -> None:
+        self.calls.append("poll")
+
+
+@dataclass
+class World:
+    """Performs the loop's effects: ``outcome(messages)`` is what the handler does
+    (raise to fail); ``commit_errors``, what the next transactions raise after it."""
+
+    consumer: FakeConsumer
+    outcome: Callable[[Sequence[Message]], None]
+    prepared: list[bool] = field(default_factory=list)
+    commit_errors: list[Exception] = field(default_factory=list)
+    ran: list[list[int]] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
+    slept: list[float] = field(default_factory=list)
+
+    def run(self, **settings: Any) -> ConsumerStats:
+        loop = ConsumeLoop(cast(Consumer, self.consumer), ConsumeSettings(**settings),
+                           lambda: self.consumer.done, kafka_timeout=1.0)
+        return run_now(drive(loop.run(), self.perform))
+
+    async def perform(self, effect: ConsumeEffect) -> Any:
+        match effect:
+            case Blocking(call):
+                return call()
+            case Sleep(seconds):
+                self.slept.append(seconds)
+            case Execute():
+                return [Result("SELECT", [(1,)] if self.prepared.pop(0) else [])]
+            case Transact(messages, DeadLetter() as letter):
+                self.letters.append(letter)
+            case Transact(messages):
+                self.ran.append([int(m.offset() or 0) for m in messages])
+                with handler_failures():
+                    self.outcome(messages)
+                if self.commit_errors:
+                    raise self.commit_errors.pop(0)
+        return None
+
+
+def poison_at(offset: int) -> Callable[[Sequence[Message]], None]:
+    def outcome(messages: Sequence[Message]) -> None:
+        if any(m.offset() == offset for m in messages):
+            raise ValueError("poison")
+    return outcome
+
+
+def test_a_failing_batch_is_split_retried_and_dead_lettered() -> None:
+    w = World(FakeConsumer([msgs(0, 1, 2, 3)]), poison_at(2))
+    stats = w.run(max_attempts=2, dead_letter_topic="dlq")
+    assert w.ran == [[0, 1, 2, 3], [0, 1], [2, 3], [2], [2], [3]]
+    assert [(d.topic, d.key) for d in w.letters] == [("dlq", b"k2")]
+    headers = dict(w.letters[0].headers)
+    assert headers["pk2pc.dlq.offset"] == b"2" and b"poison" in headers["pk2pc.dlq.error"]
+    assert (stats.batches, stats.messages, stats.dead_lettered) == (3, 4, 1)
+    assert stats.handler_failures == 4
+    assert w.consumer.seeks == [(0, 4)]  # past everything committed or dead-lettered
+
+
+def test_without_a_dead_letter_topic_the_loop_stops_at_the_poison_message() -> None:
+    w = World(FakeConsumer([msgs(0, 1, 2, 3)]), poison_at(1))
+    with pytest.raises(PoisonMessage) as info:
+        w.run(max_attempts=1)
+    assert (info.value.partition, info.value.offset) == (0, 1)
+    assert w.ran == [[0, 1, 2, 3], [0, 1], [0], [1]]
+    assert w.consumer.seeks == [(0, 1)]
+
+
+def test_an_outage_is_not_the_handlers_failure() -> None:
+    """A lost PostgreSQL connection in the handler: pause, rewind, consume again."""
+    lost = [psycopg.OperationalError("server closed the connection unexpectedly")]
+
+    def outcome(messages: Sequence[Message]) -> None:
+        if lost:
+            raise lost.pop()
+
+    w = World(FakeConsumer([msgs(0, 1), msgs(0, 1)]), outcome)
+    stats = w.run(dead_letter_topic="dlq")
+    assert w.ran == [[0, 1], [0, 1]]
+    assert w.slept == [0.2] and w.consumer.seeks == [(0, 0)]
+    assert (stats.retries, stats.handler_failures, stats.dead_lettered) == (1, 0, 0)
+
+
+def test_an_unknown_outcome_holds_the_consumer_until_recovery_decides() -> None:
+    w = World(FakeConsumer([msgs(0, 1, 2)]), lambda messages: None,
+              prepared=[True, True, False],
+              commit_errors=[OutcomeUnknown("the Kafka commit timed out", gid="g-1")])
+    stats = w.run()
+    assert w.consumer.calls == ["pause", "poll", "poll", "resume"]
+    assert stats.in_doubt == ["g-1"] and stats.batches == 0
+    assert w.consumer.seeks == [(0, 0)]  # the committed offsets say which way it went
+
+
+def test_committed_pending_recovery_counts_as_committed() -> None:
+    w = World(FakeConsumer([msgs(0, 1)]), lambda messages: None,
+              commit_errors=[CommittedPendingRecovery("COMMIT PREPARED failed", gid="g-2")])
+    stats = w.run()
+    assert (stats.batches, stats.messages, stats.retries) == (1, 2, 0)
+    assert w.consumer.seeks == []  # nothing to go back to
+
+
+def test_messages_of_partitions_no_longer_assigned_are_left_to_their_new_owner() -> None:
+    w = World(FakeConsumer([msgs(0, 1) + msgs(5, partition=7)]), lambda messages: None)
+    stats = w.run()
+    assert w.ran == [[0, 1]] and stats.messages == 2
+
+
+def test_handler_failures_tell_an_outage_from_the_handlers_own_failure() -> None:
+    with pytest.raises(ServiceUnavailable), handler_failures():
+        raise psycopg.OperationalError("connection lost")
+    with pytest.raises(HandlerFailed) as info, handler_failures():
+        raise psycopg.errors.UniqueViolation("duplicate key")
+    assert isinstance(info.value.cause, psycopg.errors.UniqueViolation)
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        ConsumeSettings(batch_size=0)
