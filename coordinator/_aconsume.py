@@ -25,10 +25,9 @@ from ._consumecore import (
     ConsumeLoop,
     DeadLetter,
     Transact,
-    drive,
     handler_failures,
 )
-from ._effects import Blocking, Execute, Sleep, execute_async
+from ._effects import Blocking, Execute, Sleep, drive, execute_async
 
 if TYPE_CHECKING:
     from ._acoordinator import AsyncCoordinator

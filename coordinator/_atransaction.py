@@ -33,6 +33,7 @@ from ._effects import (
     Hook,
     Release,
     Sleep,
+    drive,
     execute_async,
 )
 from ._transaction import Query
@@ -97,17 +98,7 @@ class AsyncTransaction(TransactionCore):
     # -- the driver ----------------------------------------------------------
 
     async def _drive(self, flow: Flow[T]) -> T:
-        try:
-            effect = next(flow)
-            while True:
-                try:
-                    result = await self._perform(effect)
-                except BaseException as exc:
-                    effect = flow.throw(exc)
-                else:
-                    effect = flow.send(result)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+        return await drive(flow, self._perform)
 
     async def _perform(self, effect: Effect) -> Any:
         coord = self._coord

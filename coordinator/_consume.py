@@ -32,11 +32,9 @@ from ._consumecore import (
     ConsumeSettings,
     DeadLetter,
     Transact,
-    drive,
     handler_failures,
-    run_now,
 )
-from ._effects import Blocking, Execute, Sleep, execute_sync
+from ._effects import Blocking, Execute, Sleep, drive, execute_sync, run_now
 from ._transaction import Transaction
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -52,9 +52,7 @@ __all__ = [
     "DeadLetter",
     "HandlerFailed",
     "Transact",
-    "drive",
     "handler_failures",
-    "run_now",
 ]
 
 log = logging.getLogger("coordinator.consume")
@@ -321,31 +319,3 @@ class ConsumeLoop:
             "SELECT 1 FROM pg_prepared_xacts WHERE gid = %s AND database = current_database()",
             (gid,), on_pool=True)
         return bool(results[0].rows)
-
-
-async def drive(flow: Generator[E, Any, T], perform: Callable[[E], Awaitable[Any]]) -> T:
-    """Run ``flow``, performing each effect it yields with ``perform`` (whose
-    result is sent back in, or its exception thrown in). Nothing here is the
-    consume loop's own: any flow of effects can be driven so."""
-    try:
-        effect = next(flow)
-        while True:
-            try:
-                result = await perform(effect)
-            except BaseException as exc:
-                effect = flow.throw(exc)
-            else:
-                effect = flow.send(result)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-
-
-def run_now(coro: Coroutine[Any, Any, T]) -> T:
-    """The result of a coroutine that never suspends (the synchronous driver's
-    :func:`drive`: every ``perform`` does its work on the spot)."""
-    try:
-        coro.send(None)
-    except StopIteration as end:
-        return end.value  # type: ignore[no-any-return]
-    coro.close()
-    raise AssertionError("the synchronous consume driver suspended")

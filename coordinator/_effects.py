@@ -11,7 +11,7 @@ two thin drivers: the design of psycopg 3's own generators.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -31,8 +31,10 @@ __all__ = [
     "Release",
     "Result",
     "Sleep",
+    "drive",
     "execute_async",
     "execute_sync",
+    "run_now",
     "run_on",
 ]
 
@@ -140,17 +142,42 @@ def _results(cur: psycopg.Cursor[Any]) -> list[Result]:
             return out
 
 
-def run_on(conn: psycopg.Connection[Any], flow: Flow[T]) -> T:
-    """Run a flow that only executes statements, on one synchronous connection."""
+E = TypeVar("E")
+
+
+async def drive(flow: Generator[E, Any, T], perform: Callable[[E], Awaitable[Any]]) -> T:
+    """Run ``flow``, performing each effect it yields with ``perform`` (whose
+    result is sent back in, or its exception thrown in). Nothing here is the
+    consume loop's own: any flow of effects can be driven so."""
     try:
         effect = next(flow)
         while True:
-            assert isinstance(effect, Execute), effect
             try:
-                result: Any = execute_sync(conn, effect)
+                result = await perform(effect)
             except BaseException as exc:
                 effect = flow.throw(exc)
             else:
                 effect = flow.send(result)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
+
+
+def run_now(coro: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never suspends (the synchronous driver's
+    :func:`drive`: every ``perform`` does its work on the spot)."""
+    try:
+        coro.send(None)
+    except StopIteration as end:
+        return end.value  # type: ignore[no-any-return]
+    coro.close()
+    raise AssertionError("a synchronous driver suspended")
+
+
+def run_on(conn: psycopg.Connection[Any], flow: Flow[T]) -> T:
+    """Run a flow that only executes statements, on one synchronous connection."""
+
+    async def perform(effect: Effect) -> Any:  # never suspends
+        assert isinstance(effect, Execute), effect
+        return execute_sync(conn, effect)
+
+    return run_now(drive(flow, perform))

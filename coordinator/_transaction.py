@@ -21,7 +21,9 @@ from ._effects import (
     NoConnection,
     Release,
     Sleep,
+    drive,
     execute_sync,
+    run_now,
 )
 from ._txcore import TransactionCore
 from .prepared import Connection
@@ -72,17 +74,10 @@ class Transaction(TransactionCore):
     # -- the driver ----------------------------------------------------------
 
     def _drive(self, flow: Flow[T]) -> T:
-        try:
-            effect = next(flow)
-            while True:
-                try:
-                    result = self._perform(effect)
-                except BaseException as exc:
-                    effect = flow.throw(exc)
-                else:
-                    effect = flow.send(result)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+        async def perform(effect: Effect) -> Any:  # never suspends: see run_now
+            return self._perform(effect)
+
+        return run_now(drive(flow, perform))
 
     def _perform(self, effect: Effect) -> Any:
         match effect:

@@ -78,7 +78,7 @@ def run_until(coord: Coordinator, p: Pipeline, consumer: Consumer, done: int,
 
 
 @pytest.fixture(params=DRIVERS)
-def driver(request: pytest.FixtureRequest) -> str:
+def consume_driver(request: pytest.FixtureRequest) -> str:
     """Both drivers of the consume path: ``Coordinator`` and ``AsyncCoordinator``."""
     kind: str = request.param
     return kind
@@ -88,12 +88,12 @@ def rows_at_least(p: Pipeline, n: int) -> Callable[[], bool]:
     return lambda: sum(p.rows().values()) >= n
 
 
-def test_a_batch_commits_its_offsets_with_the_transaction(env: Env, driver: str) -> None:
+def test_a_batch_commits_its_offsets_with_the_transaction(env: Env, consume_driver: str) -> None:
     p = pipeline(env)
     keys = p.feed(30)
     consumer = p.consumer()
     try:
-        with open_driver(driver, env) as d:
+        with open_driver(consume_driver, env) as d:
             batch = consume_n(consumer, 30)
             assert d.transact(consumer, batch, p.plan) is Status.COMMITTED
         assert p.committed() == {0: 10, 1: 10, 2: 10}
@@ -102,7 +102,7 @@ def test_a_batch_commits_its_offsets_with_the_transaction(env: Env, driver: str)
     p.assert_exactly_once(keys)
 
 
-def test_a_rolled_back_batch_is_delivered_again(env: Env, driver: str) -> None:
+def test_a_rolled_back_batch_is_delivered_again(env: Env, consume_driver: str) -> None:
     p = pipeline(env, partitions=1)
     p.feed(5)
     consumer = p.consumer()
@@ -112,7 +112,7 @@ def test_a_rolled_back_batch_is_delivered_again(env: Env, driver: str) -> None:
         raise RuntimeError("the handler failed")
 
     try:
-        with open_driver(driver, env) as d:
+        with open_driver(consume_driver, env) as d:
             batch = consume_n(consumer, 5)
             with pytest.raises(RuntimeError):
                 d.transact(consumer, batch, failing)
@@ -126,12 +126,12 @@ def test_a_rolled_back_batch_is_delivered_again(env: Env, driver: str) -> None:
 
 
 def test_run_consumer_exactly_once(env: Env, group_commit: GroupCommit | None,
-                                   driver: str) -> None:
+                                   consume_driver: str) -> None:
     p = pipeline(env)
     keys = p.feed(300)
     consumer = p.consumer()
     try:
-        with open_driver(driver, env, group_commit=group_commit) as d:
+        with open_driver(consume_driver, env, group_commit=group_commit) as d:
             stats = d.run_consumer(consumer, p.plan, rows_at_least(p, 300), batch_size=40,
                                    batch_timeout=0.2)
     finally:
@@ -141,7 +141,7 @@ def test_run_consumer_exactly_once(env: Env, group_commit: GroupCommit | None,
     assert stats.messages == 300 and stats.dead_lettered == 0
 
 
-def test_poison_message_goes_to_the_dead_letter_topic(env: Env, driver: str) -> None:
+def test_poison_message_goes_to_the_dead_letter_topic(env: Env, consume_driver: str) -> None:
     p = pipeline(env)
     keys = p.feed(60)
     dlq = env.topic()
@@ -154,7 +154,7 @@ def test_poison_message_goes_to_the_dead_letter_topic(env: Env, driver: str) -> 
         return p.plan(messages)
 
     try:
-        with open_driver(driver, env) as d:
+        with open_driver(consume_driver, env) as d:
             stats = d.run_consumer(consumer, plan, rows_at_least(p, 59), batch_size=20,
                                    batch_timeout=0.2, max_attempts=3, dead_letter_topic=dlq)
     finally:
@@ -170,7 +170,8 @@ def test_poison_message_goes_to_the_dead_letter_topic(env: Env, driver: str) -> 
     assert stats.dead_lettered == 1 and stats.handler_failures >= 3
 
 
-def test_a_lost_postgres_connection_is_not_the_handlers_failure(env: Env, driver: str) -> None:
+def test_a_lost_postgres_connection_is_not_the_handlers_failure(
+        env: Env, consume_driver: str) -> None:
     """A connection error inside the handler is an outage, not a poison message: the
     batch is consumed again, nothing is dead-lettered."""
     import psycopg
@@ -187,7 +188,7 @@ def test_a_lost_postgres_connection_is_not_the_handlers_failure(env: Env, driver
         return p.plan(messages)
 
     try:
-        with open_driver(driver, env) as d:
+        with open_driver(consume_driver, env) as d:
             stats = d.run_consumer(consumer, plan, rows_at_least(p, 10), batch_size=1,
                                    batch_timeout=0.2, max_attempts=2, dead_letter_topic=dlq)
     finally:
@@ -198,7 +199,7 @@ def test_a_lost_postgres_connection_is_not_the_handlers_failure(env: Env, driver
 
 
 def test_poison_message_without_dead_letter_topic_stops_the_loop(env: Env,
-                                                                 driver: str) -> None:
+                                                                 consume_driver: str) -> None:
     p = pipeline(env, partitions=1)
     p.feed(10)
     consumer = p.consumer()
@@ -209,7 +210,7 @@ def test_poison_message_without_dead_letter_topic_stops_the_loop(env: Env,
         return p.plan(messages)
 
     try:
-        with open_driver(driver, env) as d, pytest.raises(PoisonMessage) as info:
+        with open_driver(consume_driver, env) as d, pytest.raises(PoisonMessage) as info:
             d.run_consumer(consumer, plan, lambda: False, batch_size=10, max_attempts=2,
                            batch_timeout=0.5)
     finally:

@@ -22,11 +22,9 @@ from coordinator._consumecore import (
     DeadLetter,
     HandlerFailed,
     Transact,
-    drive,
     handler_failures,
-    run_now,
 )
-from coordinator._effects import Blocking, Execute, Result, Sleep
+from coordinator._effects import Blocking, Execute, Result, Sleep, drive, run_now
 
 
 def msgs(*offsets: int, partition: int = 0) -> list[Message]:
