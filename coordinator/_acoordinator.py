@@ -21,13 +21,12 @@ from psycopg_pool import AsyncConnectionPool
 from ._aconsume import AsyncHandler, arun_consumer
 from ._atransaction import AsyncConnection, AsyncTransaction
 from ._base import CoordinatorBase
-from ._committer import Committer
 from ._consumecore import ConsumerStats, ConsumeSettings
 from ._effects import NoConnection
 from ._enums import Phase
-from ._errmap import describe, pg_startup_error
+from ._errmap import pg_startup_error
 from .config import CoordinatorConfig
-from .errors import ConfigurationError, ServiceUnavailable, UsageError
+from .errors import ConfigurationError, UsageError
 from .prepared import Connection
 
 __all__ = ["AsyncCoordinator", "AsyncTransaction"]
@@ -74,8 +73,7 @@ class AsyncCoordinator(CoordinatorBase):
                 f"psycopg_pool.AsyncConnectionPool, not {type(postgres).__name__}",
                 phase=Phase.STARTUP)
         super().__init__(postgres, kafka, name, instance=instance, config=config)
-        self._pool: AsyncConnectionPool[Any] | None = None
-        self._owns_pool = False
+        self._pool: AsyncConnectionPool[Any] | None
         self._kafka_threads: ThreadPoolExecutor | None = None
         self._waiting_threads: ThreadPoolExecutor | None = None
 
@@ -115,22 +113,15 @@ class AsyncCoordinator(CoordinatorBase):
         await self._close_resources()
 
     async def _open_pool(self) -> None:
-        cfg = self.config
         if isinstance(self._postgres, AsyncConnectionPool):
             self._pool = self._postgres
             return
-        self._pool = AsyncConnectionPool(
-            self._postgres, min_size=cfg.pool_min_size, max_size=cfg.pool_max_size,
-            timeout=cfg.connection_timeout, open=False, name=f"pk2pc-{self.name}",
-        )
+        self._pool = AsyncConnectionPool(self._postgres, **self._pool_options())
         self._owns_pool = True
         try:
-            await self._pool.open(wait=True, timeout=cfg.startup_timeout)
+            await self._pool.open(wait=True, timeout=self.config.startup_timeout)
         except Exception as exc:
-            raise ServiceUnavailable(
-                "PostgreSQL unreachable or credentials rejected: could not open the "
-                f"connection pool within {cfg.startup_timeout}s ({describe(exc)})",
-                phase=Phase.STARTUP) from None
+            raise self._pool_unavailable(exc) from None
 
     async def _startup_params(self) -> tuple[str, dict[str, Any]]:
         """The pool's conninfo and connection arguments (either may be a function)."""
@@ -234,15 +225,6 @@ class AsyncCoordinator(CoordinatorBase):
         self._ready()
         params = await self._startup_params()
         return await asyncio.to_thread(self._connect_sync, params)
-
-    def _ready(self) -> tuple[AsyncConnectionPool[Any], Committer]:
-        _, committer = super()._ready()
-        if self._pool is None:
-            raise UsageError("the coordinator is not open")
-        return self._pool, committer
-
-    def _pool_max_size(self) -> int:
-        return self._pool.max_size if self._pool is not None else 1
 
     # -- what the driver (_atransaction.py) needs -----------------------------
 

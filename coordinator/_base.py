@@ -36,7 +36,7 @@ from .decision_log import (
     high_watermarks,
     partition_for,
 )
-from .errors import ConfigurationError, UsageError
+from .errors import ConfigurationError, ServiceUnavailable, UsageError
 from .gid import check_identifier, transactional_id
 from .prepared import Connection, list_prepared
 from .registry import LogRegistry
@@ -75,6 +75,9 @@ class CoordinatorBase:
         self._kafka_conf = dict(kafka)
         self._postgres = postgres
         self._lock_conn: Connection | None = None
+        self._pool: Any = None
+        """The driver's connection pool (sync or async) while open."""
+        self._owns_pool = False
         self._producers: ProducerPool | None = None
         self._committer: Committer | None = None
         self._admin: AdminClient | None = None
@@ -229,13 +232,27 @@ class CoordinatorBase:
                 for i in range(self.config.producers)]
 
     def _ready(self) -> tuple[Any, Committer]:
-        if not self._open or self._committer is None:
+        """The connection pool and the committer; raises unless open."""
+        if not self._open or self._committer is None or self._pool is None:
             raise UsageError("the coordinator is not open: use it as a context manager "
                              "or call open() first")
-        return None, self._committer
+        return self._pool, self._committer
 
     def _pool_max_size(self) -> int:
-        return self.config.pool_max_size
+        return int(self._pool.max_size) if self._pool is not None else 1
+
+    def _pool_options(self) -> dict[str, Any]:
+        """How the coordinator makes its own pool (from a conninfo string)."""
+        cfg = self.config
+        return {"min_size": cfg.pool_min_size, "max_size": cfg.pool_max_size,
+                "timeout": cfg.connection_timeout, "open": False,
+                "name": f"pk2pc-{self.name}"}
+
+    def _pool_unavailable(self, exc: BaseException) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            "PostgreSQL unreachable or credentials rejected: could not open the "
+            f"connection pool within {self.config.startup_timeout}s ({describe(exc)})",
+            phase=Phase.STARTUP)
 
     def _batch(self, idempotency_key: str | None, consumer: Consumer | None,
                consumed: Sequence[Message] | None) -> ConsumedBatch | None:

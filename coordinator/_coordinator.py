@@ -13,13 +13,12 @@ from confluent_kafka import Consumer, Message
 from psycopg_pool import ConnectionPool
 
 from ._base import CoordinatorBase
-from ._committer import Committer
 from ._consume import ConsumerStats, Handler, run_consumer
 from ._enums import Phase
-from ._errmap import describe, pg_startup_error
+from ._errmap import pg_startup_error
 from ._transaction import Transaction
 from .config import CoordinatorConfig
-from .errors import ConfigurationError, ServiceUnavailable, UsageError
+from .errors import ConfigurationError
 from .prepared import Connection
 
 __all__ = ["Coordinator", "Transaction"]
@@ -57,8 +56,7 @@ class Coordinator(CoordinatorBase):
                 f"psycopg_pool.ConnectionPool, not {type(postgres).__name__} (for an "
                 "AsyncConnectionPool, use AsyncCoordinator)", phase=Phase.STARTUP)
         super().__init__(postgres, kafka, name, instance=instance, config=config)
-        self._pool: ConnectionPool[Any] | None = None
-        self._owns_pool = False
+        self._pool: ConnectionPool[Any] | None
 
     # -- life cycle ---------------------------------------------------------
 
@@ -97,22 +95,15 @@ class Coordinator(CoordinatorBase):
             self._close_resources()
 
     def _open_pool(self) -> None:
-        cfg = self.config
         if isinstance(self._postgres, ConnectionPool):
             self._pool = self._postgres
             return
-        self._pool = ConnectionPool(
-            self._postgres, min_size=cfg.pool_min_size, max_size=cfg.pool_max_size,
-            timeout=cfg.connection_timeout, open=False, name=f"pk2pc-{self.name}",
-        )
+        self._pool = ConnectionPool(self._postgres, **self._pool_options())
         self._owns_pool = True
         try:
-            self._pool.open(wait=True, timeout=cfg.startup_timeout)
+            self._pool.open(wait=True, timeout=self.config.startup_timeout)
         except Exception as exc:
-            raise ServiceUnavailable(
-                "PostgreSQL unreachable or credentials rejected: could not open the "
-                f"connection pool within {cfg.startup_timeout}s ({describe(exc)})",
-                phase=Phase.STARTUP) from None
+            raise self._pool_unavailable(exc) from None
 
     @contextlib.contextmanager
     def _startup_connection(self) -> Iterator[Connection]:
@@ -194,12 +185,3 @@ class Coordinator(CoordinatorBase):
         pool, _ = self._ready()
         with pool.connection(timeout=timeout) as conn:
             yield conn
-
-    def _ready(self) -> tuple[ConnectionPool[Any], Committer]:
-        _, committer = super()._ready()
-        if self._pool is None:
-            raise UsageError("the coordinator is not open")
-        return self._pool, committer
-
-    def _pool_max_size(self) -> int:
-        return self._pool.max_size if self._pool is not None else 1
