@@ -84,14 +84,15 @@ class AsyncTransaction(TransactionCore):
         cancelled: asyncio.CancelledError | None = None
         while not procedure.done():
             try:
-                await asyncio.shield(procedure)
+                # wait() neither cancels the procedure nor raises its error.
+                await asyncio.wait((procedure,))
             except asyncio.CancelledError as stop:
-                if procedure.cancelled():  # pragma: no cover - nobody else holds it
-                    raise
                 cancelled = stop  # the procedure runs to its end all the same
         error = procedure.exception()
         if error is not None:
-            raise error  # the typed outcome; the cancellation is its context
+            if cancelled is not None and error.__context__ is None:
+                error.__context__ = cancelled  # the typed outcome, after the cancellation
+            raise error
         if cancelled is not None:
             raise cancelled
 

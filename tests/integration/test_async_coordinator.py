@@ -1,0 +1,191 @@
+"""What only the asyncio coordinator has: cancellation, a borrowed async pool,
+an event loop that never waits on Kafka. Everything else runs against both
+coordinators in the shared suite (modules with ``BOTH_DRIVERS = True``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from coordinator import AsyncCoordinator, CoordinatorConfig, GroupCommit, Status, Step
+from tests.integration.conftest import Env
+
+
+def make_table(env: Env) -> None:
+    env.execute("CREATE TABLE orders (id int PRIMARY KEY, total int NOT NULL)")
+
+
+def coordinator(env: Env, postgres: Any = None, **overrides: Any) -> AsyncCoordinator:
+    return AsyncCoordinator(postgres if postgres is not None else env.dsn, env.kafka,
+                            env.name, instance=env.instance, config=env.config(**overrides))
+
+
+async def insert_and_produce(coord: AsyncCoordinator, topic: str, i: int,
+                             inside: Callable[[], Awaitable[None]] | None = None) -> Any:
+    tx = coord.transaction()
+    async with tx:
+        await tx.execute("INSERT INTO orders (id, total) VALUES (%s, %s)", (i, i))
+        tx.produce(topic, value=str(i).encode(), key=str(i).encode())
+        if inside is not None:
+            await inside()
+    return tx
+
+
+def test_borrowed_async_pool_is_not_closed(env: Env) -> None:
+    make_table(env)
+    topic = env.topic()
+
+    async def main() -> None:
+        async with AsyncConnectionPool(env.dsn, min_size=1, max_size=4, open=False) as pool:
+            async with coordinator(env, pool) as coord:
+                tx = await insert_and_produce(coord, topic, 1)
+                assert tx.status is Status.COMMITTED
+            assert not pool.closed
+            async with pool.connection() as conn:
+                cur = await conn.execute("SELECT id FROM orders")
+                assert await cur.fetchall() == [(1,)]
+                assert conn.autocommit is False  # given back as it was lent
+
+    asyncio.run(main())
+    assert [m.value for m in env.read(topic)] == [b"1"]
+
+
+def test_cancelled_inside_the_block_rolls_back(env: Env) -> None:
+    make_table(env)
+    topic = env.topic()
+
+    async def main() -> None:
+        async with coordinator(env, pool_max_size=2) as coord:
+            started = asyncio.Event()
+
+            async def block() -> None:
+                started.set()
+                await asyncio.sleep(60)
+
+            task = asyncio.create_task(insert_and_produce(coord, topic, 1, block))
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # Both pooled connections are usable again (none leaked by the cancel).
+            for i in (2, 3):
+                assert (await insert_and_produce(coord, topic, i)).status is Status.COMMITTED
+
+    asyncio.run(main())
+    assert env.ids() == [2, 3]
+    assert sorted(m.value for m in env.read(topic)) == [b"2", b"3"]
+    assert env.prepared() == []
+
+
+@pytest.mark.parametrize("step", [Step.BEFORE_PREPARE, Step.AFTER_PREPARE])
+def test_cancelled_during_the_commit_procedure_finishes_it(env: Env, step: Step) -> None:
+    """Cancelled while PREPARE or the Kafka commit is under way: the procedure runs to
+    its end all the same; the coroutine then raises the CancelledError (it committed)
+    and both sides hold the transaction."""
+    make_table(env)
+    topic = env.topic()
+    reached, release = threading.Event(), threading.Event()
+
+    def on_step(at: Step, gid: str | None) -> None:
+        if at is step:
+            reached.set()
+            release.wait(30)
+
+    async def main() -> Any:
+        async with coordinator(env, on_step=on_step) as coord:
+            holder: list[Any] = []
+
+            async def run() -> None:
+                tx = coord.transaction()
+                holder.append(tx)
+                async with tx:
+                    await tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+                    tx.produce(topic, value=b"1")
+
+            task = asyncio.create_task(run())
+            await asyncio.to_thread(reached.wait, 30)
+            task.cancel()
+            await asyncio.sleep(0.2)
+            assert not task.done()  # the procedure is shielded: still running
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return holder[0]
+
+    tx = asyncio.run(main())
+    assert tx.status is Status.COMMITTED
+    assert env.ids() == [1]
+    assert [m.value for m in env.read(topic)] == [b"1"]
+    env.assert_decided(str(tx.gid))
+    assert env.prepared() == []
+
+
+def test_cancelled_procedure_that_rolls_back_raises_the_typed_error(env: Env) -> None:
+    """Cancelled during the procedure, which then fails (the topic does not exist):
+    the coroutine ends with the library's typed error, not a bare cancellation."""
+    from coordinator import RolledBack
+
+    make_table(env)
+    reached, release = threading.Event(), threading.Event()
+
+    def on_step(at: Step, gid: str | None) -> None:
+        if at is Step.BEFORE_PREPARE:
+            reached.set()
+            release.wait(30)
+
+    async def main() -> None:
+        async with coordinator(env, on_step=on_step, check_topics=False,
+                               kafka_timeout=5.0) as coord:
+            task = asyncio.create_task(
+                insert_and_produce(coord, "no-such-topic-" + env.name, 1))
+            await asyncio.to_thread(reached.wait, 30)
+            task.cancel()
+            release.set()
+            with pytest.raises(RolledBack) as info:
+                await task
+            assert isinstance(info.value.__context__, asyncio.CancelledError)
+
+    asyncio.run(main())
+    assert env.ids() == []
+    assert env.prepared() == []
+
+
+def test_the_event_loop_never_waits_on_kafka(env: Env) -> None:
+    """256 concurrent transactions with group commit: a probe task that sleeps 1 ms
+    at a time is never held up long (Kafka calls and the step hook run in threads)."""
+    make_table(env)
+    topic = env.topic()
+
+    async def main() -> float:
+        async with coordinator(env, group_commit=GroupCommit(), producers=2,
+                               pool_max_size=20) as coord:
+            worst = 0.0
+            done = asyncio.Event()
+
+            async def probe() -> None:
+                nonlocal worst
+                while not done.is_set():
+                    t0 = time.perf_counter()
+                    await asyncio.sleep(0.001)
+                    worst = max(worst, time.perf_counter() - t0 - 0.001)
+
+            watcher = asyncio.create_task(probe())
+            await asyncio.gather(*(insert_and_produce(coord, topic, i) for i in range(256)))
+            done.set()
+            await watcher
+            return worst
+
+    worst = asyncio.run(main())
+    assert len(env.ids()) == 256
+    assert worst < 0.05, f"the event loop was held up for {worst * 1e3:.1f} ms"
+
+
+def test_async_config_is_the_same_object(env: Env) -> None:
+    coord = coordinator(env)
+    assert isinstance(coord.config, CoordinatorConfig)
