@@ -11,7 +11,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import psycopg
 from confluent_kafka import Consumer, Message
@@ -25,9 +25,13 @@ from ._consumecore import ConsumerStats, ConsumeSettings
 from ._effects import NoConnection
 from ._enums import Phase
 from ._errmap import pg_startup_error
+from ._sqlalchemy import AsyncEnginePool, async_engine_pool, wrong_engine
 from .config import CoordinatorConfig
 from .errors import ConfigurationError, UsageError
 from .prepared import Connection
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["AsyncCoordinator", "AsyncTransaction"]
 
@@ -60,20 +64,23 @@ class AsyncCoordinator(CoordinatorBase):
 
     def __init__(
         self,
-        postgres: str | AsyncConnectionPool[Any],
+        postgres: str | AsyncConnectionPool[Any] | AsyncEngine,
         kafka: Mapping[str, Any],
         name: str,
         *,
         instance: str | None = None,
         config: CoordinatorConfig | None = None,
     ) -> None:
-        if not isinstance(postgres, str | AsyncConnectionPool):
+        self._engine = async_engine_pool(postgres)
+        if self._engine is None and not isinstance(postgres, str | AsyncConnectionPool):
+            hint = wrong_engine(postgres, "AsyncCoordinator") or (
+                "for a ConnectionPool, use Coordinator")
             raise ConfigurationError(
-                "AsyncCoordinator needs postgres= as a conninfo string or a "
-                f"psycopg_pool.AsyncConnectionPool, not {type(postgres).__name__}",
-                phase=Phase.STARTUP)
+                "AsyncCoordinator needs postgres= as a conninfo string, a "
+                "psycopg_pool.AsyncConnectionPool or an SQLAlchemy AsyncEngine, not "
+                f"{type(postgres).__name__} ({hint})", phase=Phase.STARTUP)
         super().__init__(postgres, kafka, name, instance=instance, config=config)
-        self._pool: AsyncConnectionPool[Any] | None
+        self._pool: AsyncConnectionPool[Any] | AsyncEnginePool | None
         self._kafka_threads: ThreadPoolExecutor | None = None
         self._waiting_threads: ThreadPoolExecutor | None = None
 
@@ -113,6 +120,9 @@ class AsyncCoordinator(CoordinatorBase):
         await self._close_resources()
 
     async def _open_pool(self) -> None:
+        if self._engine is not None:
+            self._pool = self._engine
+            return
         if isinstance(self._postgres, AsyncConnectionPool):
             self._pool = self._postgres
             return

@@ -30,6 +30,7 @@ from ._effects import (
     Effect,
     Execute,
     Flow,
+    FlushSession,
     Hook,
     Release,
     Sleep,
@@ -40,6 +41,8 @@ from ._transaction import Query
 from ._txcore import TransactionCore
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from ._acoordinator import AsyncCoordinator
 
 __all__ = ["AsyncConnection", "AsyncTransaction"]
@@ -61,6 +64,15 @@ class AsyncTransaction(TransactionCore):
         """The psycopg async connection of this transaction (inside the block only)."""
         conn: AsyncConnection = self._active_connection()
         return conn
+
+    @property
+    def session(self) -> AsyncSession:
+        """An SQLAlchemy ``AsyncSession`` on this transaction's connection (inside
+        the block only; the coordinator must be made with ``postgres=`` an
+        ``AsyncEngine``). It is flushed before PREPARE; ``await session.commit()``
+        only flushes: the coordinator ends the transaction."""
+        session: AsyncSession = self._orm_session()
+        return session
 
     async def execute(self, query: Query,
                       params: Any = None) -> psycopg.AsyncCursor[tuple[object, ...]]:
@@ -123,7 +135,12 @@ class AsyncTransaction(TransactionCore):
             case Acquire():
                 conn, self._conn_autocommit = await coord._acquire()
                 return conn
+            case FlushSession():
+                await self._session.flush()
             case Release():
+                if self._session is not None:
+                    session, self._session = self._session, None
+                    await session.close()  # leaves the transaction alone (rollback_only)
                 if self._conn is not None:
                     await coord._give_back(self._conn, self._conn_autocommit)
             case _:  # pragma: no cover

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import psycopg
 from confluent_kafka import Consumer, Message
@@ -16,10 +16,14 @@ from ._base import CoordinatorBase
 from ._consume import ConsumerStats, Handler, run_consumer
 from ._enums import Phase
 from ._errmap import pg_startup_error
+from ._sqlalchemy import EnginePool, engine_pool, wrong_engine
 from ._transaction import Transaction
 from .config import CoordinatorConfig
 from .errors import ConfigurationError
 from .prepared import Connection
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 __all__ = ["Coordinator", "Transaction"]
 
@@ -43,20 +47,23 @@ class Coordinator(CoordinatorBase):
 
     def __init__(
         self,
-        postgres: str | ConnectionPool[Any],
+        postgres: str | ConnectionPool[Any] | Engine,
         kafka: Mapping[str, Any],
         name: str,
         *,
         instance: str | None = None,
         config: CoordinatorConfig | None = None,
     ) -> None:
-        if not isinstance(postgres, str | ConnectionPool):
+        self._engine = engine_pool(postgres)
+        if self._engine is None and not isinstance(postgres, str | ConnectionPool):
+            hint = wrong_engine(postgres, "Coordinator") or (
+                "for an AsyncConnectionPool, use AsyncCoordinator")
             raise ConfigurationError(
-                "Coordinator needs postgres= as a conninfo string or a "
-                f"psycopg_pool.ConnectionPool, not {type(postgres).__name__} (for an "
-                "AsyncConnectionPool, use AsyncCoordinator)", phase=Phase.STARTUP)
+                "Coordinator needs postgres= as a conninfo string, a "
+                "psycopg_pool.ConnectionPool or an SQLAlchemy Engine, not "
+                f"{type(postgres).__name__} ({hint})", phase=Phase.STARTUP)
         super().__init__(postgres, kafka, name, instance=instance, config=config)
-        self._pool: ConnectionPool[Any] | None
+        self._pool: ConnectionPool[Any] | EnginePool | None
 
     # -- life cycle ---------------------------------------------------------
 
@@ -95,6 +102,9 @@ class Coordinator(CoordinatorBase):
             self._close_resources()
 
     def _open_pool(self) -> None:
+        if self._engine is not None:
+            self._pool = self._engine
+            return
         if isinstance(self._postgres, ConnectionPool):
             self._pool = self._postgres
             return

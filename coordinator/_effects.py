@@ -26,6 +26,7 @@ __all__ = [
     "Effect",
     "Execute",
     "Flow",
+    "FlushSession",
     "Hook",
     "NoConnection",
     "Release",
@@ -108,7 +109,14 @@ class Release:
     setting restored)."""
 
 
-Effect = Execute | Blocking | Sleep | Hook | Acquire | Release
+@dataclass(frozen=True, slots=True)
+class FlushSession:
+    """Flush the transaction's ORM session (``tx.session``) into its
+    PostgreSQL transaction: ``Session.flush()``, or awaited
+    ``AsyncSession.flush()``."""
+
+
+Effect = Execute | Blocking | Sleep | Hook | Acquire | Release | FlushSession
 Flow = Generator[Effect, Any, T]
 
 

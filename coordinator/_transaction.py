@@ -17,6 +17,7 @@ from ._effects import (
     Effect,
     Execute,
     Flow,
+    FlushSession,
     Hook,
     NoConnection,
     Release,
@@ -29,6 +30,8 @@ from ._txcore import TransactionCore
 from .prepared import Connection
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from ._coordinator import Coordinator
 
 __all__ = ["Transaction"]
@@ -54,6 +57,15 @@ class Transaction(TransactionCore):
         """The psycopg connection of this transaction (inside the block only)."""
         conn: Connection = self._active_connection()
         return conn
+
+    @property
+    def session(self) -> Session:
+        """An SQLAlchemy ORM ``Session`` on this transaction's connection (inside
+        the block only; the coordinator must be made with ``postgres=`` an
+        ``Engine``). It is flushed before PREPARE; ``session.commit()`` only
+        flushes: the coordinator ends the transaction."""
+        session: Session = self._orm_session()
+        return session
 
     def execute(self, query: Query, params: Any = None) -> psycopg.Cursor[tuple[object, ...]]:
         """Execute a statement in the transaction; returns the cursor."""
@@ -103,7 +115,12 @@ class Transaction(TransactionCore):
                 pool, _ = self._coord._ready()
                 return _take(pool, self._coord.config.connection_timeout,
                              self._remember_autocommit)
+            case FlushSession():
+                self._session.flush()
             case Release():
+                if self._session is not None:
+                    session, self._session = self._session, None
+                    session.close()  # leaves the transaction alone (rollback_only)
                 owner = self._coord._pool
                 if owner is not None and self._conn is not None:
                     _give_back(owner, self._conn, self._conn_autocommit)

@@ -22,7 +22,16 @@ from psycopg.pq import TransactionStatus
 from . import _postgres
 from ._committer import Ticket
 from ._consumed import ConsumedBatch, rewind
-from ._effects import Acquire, Blocking, Execute, Flow, Hook, NoConnection, Release
+from ._effects import (
+    Acquire,
+    Blocking,
+    Execute,
+    Flow,
+    FlushSession,
+    Hook,
+    NoConnection,
+    Release,
+)
 from ._enums import Phase, Status, Step
 from ._errmap import describe, is_connection_error, pg_prepare_error
 from ._kafka import KafkaResult, StagedMessage
@@ -74,6 +83,8 @@ class TransactionCore:
         self._conn: Any = None
         """The driver's psycopg connection (sync or async) while the transaction holds one."""
         self._conn_autocommit = False
+        self._session: Any = None
+        """The ORM session of ``tx.session`` (an engine's coordinator), once asked for."""
         self._messages: list[StagedMessage] = []
         self._xid: int | None = None
         self._obs = TxObservers(())
@@ -286,10 +297,29 @@ class TransactionCore:
         yield from self._after_kafka(result)
 
     def _before_prepare(self) -> Flow[None]:
-        """What the driver must do to the transaction's connection before it ends
-        (e.g. flush an ORM session); nothing by default."""
-        return
-        yield  # pragma: no cover
+        """Flush the ORM session, if the block used one, before the transaction
+        ends: its pending changes belong to the transaction. A failure to flush
+        is a failure of the block's work: everything rolls back."""
+        if self._session is None:
+            return
+        try:
+            yield FlushSession()
+        except Exception as exc:
+            yield from self._abandon(Event.BLOCK_FAILED)
+            raise rolled_back(f"flushing the ORM session failed: {describe(exc)}",
+                              Phase.EXECUTE) from exc
+
+    def _orm_session(self) -> Any:
+        """``tx.session``: made on first use, bound to the transaction's connection."""
+        conn = self._active_connection()
+        if self._session is None:
+            make = getattr(self._coord._pool, "session", None)
+            if make is None:
+                raise UsageError("tx.session needs a coordinator made with postgres= an "
+                                 "SQLAlchemy engine (on the psycopg driver)",
+                                 phase=Phase.EXECUTE)
+            self._session = make(conn)
+        return self._session
 
     def _commit_one_phase(self) -> Flow[None]:
         """No Kafka message: a plain COMMIT is the whole protocol."""

@@ -194,10 +194,19 @@ class Env:
         assert gid in decisions, f"no decision record for {gid}"
         assert decisions[gid].partition == parse(gid).partition
 
-    def close(self) -> None:
+    def run(self, coro: Any) -> Any:
+        """Run a coroutine on the async driver's event loop (started if needed)."""
+        if self._loop is None:
+            self._loop = EventLoopThread()
+        return self._loop.run(coro)
+
+    def close_coordinators(self) -> None:
         for coord in reversed(self._coordinators):
             coord.close()
         self._coordinators.clear()
+
+    def close(self) -> None:
+        self.close_coordinators()
         if self._loop is not None:
             self._loop.close()
             self._loop = None
