@@ -23,11 +23,10 @@ from ._atransaction import AsyncConnection, AsyncTransaction
 from ._base import CoordinatorBase
 from ._consumecore import ConsumerStats, ConsumeSettings
 from ._effects import NoConnection
-from ._enums import Phase
 from ._errmap import pg_startup_error
-from ._sqlalchemy import AsyncEnginePool, async_engine_pool, wrong_engine
+from ._sqlalchemy import AsyncEnginePool, async_engine_pool, check_postgres
 from .config import CoordinatorConfig
-from .errors import ConfigurationError, UsageError
+from .errors import UsageError
 from .prepared import Connection
 
 if TYPE_CHECKING:
@@ -72,13 +71,7 @@ class AsyncCoordinator(CoordinatorBase):
         config: CoordinatorConfig | None = None,
     ) -> None:
         self._engine = async_engine_pool(postgres)
-        if self._engine is None and not isinstance(postgres, str | AsyncConnectionPool):
-            hint = wrong_engine(postgres, "AsyncCoordinator") or (
-                "for a ConnectionPool, use Coordinator")
-            raise ConfigurationError(
-                "AsyncCoordinator needs postgres= as a conninfo string, a "
-                "psycopg_pool.AsyncConnectionPool or an SQLAlchemy AsyncEngine, not "
-                f"{type(postgres).__name__} ({hint})", phase=Phase.STARTUP)
+        check_postgres(postgres, self._engine, asyncio_=True)
         super().__init__(postgres, kafka, name, instance=instance, config=config)
         self._pool: AsyncConnectionPool[Any] | AsyncEnginePool | None
         self._kafka_threads: ThreadPoolExecutor | None = None

@@ -14,12 +14,10 @@ from psycopg_pool import ConnectionPool
 
 from ._base import CoordinatorBase
 from ._consume import ConsumerStats, Handler, run_consumer
-from ._enums import Phase
 from ._errmap import pg_startup_error
-from ._sqlalchemy import EnginePool, engine_pool, wrong_engine
+from ._sqlalchemy import EnginePool, check_postgres, engine_pool
 from ._transaction import Transaction
 from .config import CoordinatorConfig
-from .errors import ConfigurationError
 from .prepared import Connection
 
 if TYPE_CHECKING:
@@ -55,13 +53,7 @@ class Coordinator(CoordinatorBase):
         config: CoordinatorConfig | None = None,
     ) -> None:
         self._engine = engine_pool(postgres)
-        if self._engine is None and not isinstance(postgres, str | ConnectionPool):
-            hint = wrong_engine(postgres, "Coordinator") or (
-                "for an AsyncConnectionPool, use AsyncCoordinator")
-            raise ConfigurationError(
-                "Coordinator needs postgres= as a conninfo string, a "
-                "psycopg_pool.ConnectionPool or an SQLAlchemy Engine, not "
-                f"{type(postgres).__name__} ({hint})", phase=Phase.STARTUP)
+        check_postgres(postgres, self._engine, asyncio_=False)
         super().__init__(postgres, kafka, name, instance=instance, config=config)
         self._pool: ConnectionPool[Any] | EnginePool | None
 

@@ -38,7 +38,13 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
     from sqlalchemy.orm import Session
 
-__all__ = ["AsyncEnginePool", "EnginePool", "async_engine_pool", "engine_pool"]
+__all__ = [
+    "AsyncEnginePool",
+    "EnginePool",
+    "async_engine_pool",
+    "check_postgres",
+    "engine_pool",
+]
 
 
 def _is_engine(obj: object, async_: bool) -> bool:
@@ -88,13 +94,25 @@ def async_engine_pool(postgres: object) -> AsyncEnginePool | None:
     return AsyncEnginePool(postgres)  # type: ignore[arg-type]
 
 
-def wrong_engine(postgres: object, kind: str) -> str | None:
-    """A hint when ``postgres`` is the other kind of engine, else ``None``."""
-    if kind == "Coordinator" and _is_engine(postgres, async_=True):
-        return "an AsyncEngine needs AsyncCoordinator"
-    if kind == "AsyncCoordinator" and _is_engine(postgres, async_=False):
-        return "a synchronous Engine needs Coordinator (or create_async_engine)"
-    return None
+def check_postgres(postgres: object, engine: object, asyncio_: bool) -> None:
+    """Refuse a ``postgres=`` the coordinator cannot use, saying what it takes."""
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+    pool_type = AsyncConnectionPool if asyncio_ else ConnectionPool
+    if engine is not None or isinstance(postgres, str | pool_type):
+        return
+    kind, other = ("AsyncCoordinator", "Coordinator") if asyncio_ else (
+        "Coordinator", "AsyncCoordinator")
+    if _is_engine(postgres, async_=not asyncio_):
+        hint = f"this kind of engine needs {other}"
+    elif isinstance(postgres, AsyncConnectionPool | ConnectionPool):
+        hint = f"this kind of pool needs {other}"
+    else:
+        hint = "see docs/configuration.md"
+    raise ConfigurationError(
+        f"{kind} needs postgres= as a conninfo string, a psycopg_pool.{pool_type.__name__} "
+        f"or an SQLAlchemy {'AsyncEngine' if asyncio_ else 'Engine'}, not "
+        f"{type(postgres).__name__} ({hint})", phase=Phase.STARTUP)
 
 
 class EnginePool:

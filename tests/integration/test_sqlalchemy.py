@@ -188,7 +188,7 @@ def test_engines_of_the_wrong_kind_are_refused(env: Env) -> None:
     sqlite = create_engine("sqlite://")
     other = (create_async_engine(url(env)) if env.driver == "sync"
              else create_engine(url(env)))
-    for wrong, message in ((sqlite, "psycopg"), (other, "Engine needs")):
+    for wrong, message in ((sqlite, "psycopg"), (other, "engine needs")):
         with pytest.raises(ConfigurationError, match=message):
             env.new_coordinator(postgres=wrong)
     sqlite.dispose()
