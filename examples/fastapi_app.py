@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, LiteralString
 
 import psycopg.errors
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Path
 from fastapi.responses import JSONResponse
 from psycopg.rows import class_row
 from pydantic import BaseModel, Field
@@ -249,7 +249,7 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(order.model_dump(), status_code=201, headers=location)
 
     @app.get("/orders/{order_id}", response_model=Order)
-    async def read_order(order_id: int) -> Any:
+    async def read_order(order_id: Annotated[int, Path(ge=1, le=_INT4_MAX)]) -> Any:
         found = await _find(runtime.coordinator(), _BY_ID, order_id)
         if found is None:
             return ErrorReply(404, "not_found", f"no order {order_id}").response()

@@ -73,6 +73,7 @@ def test_order_commits_on_both_sides_and_a_retry_replays_it(env: Env) -> None:
             got = await http.get("/orders/1")
             assert (got.status_code, got.json()) == (200, {"id": 1, "total": 10})
             assert (await http.get("/orders/2")).status_code == 404
+            assert (await http.get(f"/orders/{2**31}")).status_code == 422  # not an int4
 
     run(main)
     assert env.execute("SELECT id, total, idempotency_key FROM orders") == [(1, 10, key)]
