@@ -146,6 +146,8 @@ def _publish(args: argparse.Namespace, report: RecoveryReport) -> None:
         except (OSError, ValueError) as exc:
             print(f"warning: cannot read the previous {args.metrics_file}, counters start "
                   f"from zero: {exc}", file=sys.stderr)
+            registry = CollectorRegistry()  # nothing half carried over
+            metrics = RecoveryMetrics(registry)
     metrics.publish(args.name, report)
     if args.metrics_file is not None:
         try:
