@@ -8,6 +8,7 @@ Exit codes: 0 nothing of ours remains in doubt past the grace period;
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -19,11 +20,13 @@ import psycopg
 
 from coordinator.prepared import list_prepared
 
+from ._model import RecoveryReport
 from ._worker import RecoveryConfig, RecoveryError, recover
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_REMAINING, EXIT_CONFIG = 0, 1, 2
+PUSH_JOB = "pk2pc_recovery"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="decide and report, change nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--metrics-file", metavar="PATH",
+                   help="write the run's metrics there (node-exporter textfile format, "
+                   "written atomically; counters continue from the file's previous values); "
+                   "needs the extra pg-kafka-2pc[metrics]")
+    p.add_argument("--pushgateway", metavar="URL",
+                   help="push the run's metrics to this Prometheus Pushgateway (job "
+                   f"{PUSH_JOB!r}, grouping key name); needs the extra pg-kafka-2pc[metrics]")
     return p
 
 
@@ -78,6 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if not args.postgres:
         print("error: --postgres (or $PG_DSN) is required", file=sys.stderr)
+        return EXIT_CONFIG
+    wants_metrics = args.metrics_file is not None or args.pushgateway is not None
+    if wants_metrics and args.command != "recover":
+        print("error: --metrics-file and --pushgateway apply to recover only", file=sys.stderr)
+        return EXIT_CONFIG
+    if wants_metrics and importlib.util.find_spec("prometheus_client") is None:
+        print("error: --metrics-file and --pushgateway need prometheus-client: pip install "
+              "'pg-kafka-2pc[metrics]'", file=sys.stderr)
         return EXIT_CONFIG
     try:
         if args.command in ("list", "status"):
@@ -104,7 +122,46 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"remaining: {len(report.remaining)}")
         for r in report.remaining:
             print(f"remaining {r.gid}: {r.reason}")
+    if wants_metrics:
+        _publish(args, report)
     return report.exit_code
+
+
+def _publish(args: argparse.Namespace, report: RecoveryReport) -> None:
+    """Write/push the run's metrics. A failure is reported on stderr and does not
+    change the exit code (the run's work is done); the metrics' last success time
+    then stops moving, which is what the alert on it watches."""
+    from prometheus_client import CollectorRegistry, push_to_gateway, write_to_textfile
+
+    from .metrics import RecoveryMetrics
+
+    registry = CollectorRegistry()
+    metrics = RecoveryMetrics(registry)
+    if args.metrics_file is not None:
+        try:
+            with open(args.metrics_file, encoding="utf-8") as f:
+                metrics.carry_over(f.read(), args.name)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            print(f"warning: cannot read the previous {args.metrics_file}, counters start "
+                  f"from zero: {exc}", file=sys.stderr)
+            registry = CollectorRegistry()  # nothing half carried over
+            metrics = RecoveryMetrics(registry)
+    metrics.publish(args.name, report)
+    if args.metrics_file is not None:
+        try:
+            write_to_textfile(args.metrics_file, registry)
+        except OSError as exc:
+            print(f"error: writing metrics to {args.metrics_file} failed: {exc}",
+                  file=sys.stderr)
+    if args.pushgateway is not None:
+        try:
+            push_to_gateway(args.pushgateway, job=PUSH_JOB, registry=registry,
+                            grouping_key={"name": args.name}, timeout=30)
+        except OSError as exc:
+            print(f"error: pushing metrics to {args.pushgateway} failed: {exc}",
+                  file=sys.stderr)
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -40,6 +40,21 @@ class RecoveryReport:
     fenced: list[str] = field(default_factory=list)
     dry_run: bool = False
     oldest_age_seconds: float | None = None
+    ages: dict[str, float] = field(default_factory=dict)
+    duration_seconds: float | None = None
+
+    @property
+    def in_doubt(self) -> list[str]:
+        """The gids left prepared after this run, as far as it knows
+        (``remaining`` and ``waiting``)."""
+        return [r.gid for r in self.remaining] + list(self.waiting)
+
+    @property
+    def oldest_in_doubt_age_seconds(self) -> float | None:
+        """Age, when the run started, of the oldest transaction left in doubt
+        (``None``: none left)."""
+        ages = [self.ages[g] for g in self.in_doubt if g in self.ages]
+        return max(ages) if ages else None
 
     @property
     def ok(self) -> bool:

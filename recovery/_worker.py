@@ -114,6 +114,7 @@ def recover(
     cfg = config or RecoveryConfig()
     check_identifier(name, "name")
     report = RecoveryReport(dry_run=cfg.dry_run)
+    started = time.monotonic()
     try:
         conn = (postgres if isinstance(postgres, psycopg.Connection)
                 else psycopg.connect(postgres, autocommit=True, connect_timeout=10))
@@ -122,6 +123,7 @@ def recover(
     try:
         with recovery_lock(conn, name, cfg.lock_wait_seconds) as locked:
             in_doubt = list_prepared(conn, name, cfg.instance)
+            report.ages = {t.text: t.age_seconds for t in in_doubt}
             if not locked:
                 for t in in_doubt:
                     report.remaining.append(Remaining(t.text, "another recovery worker for "
@@ -135,6 +137,7 @@ def recover(
     finally:
         if conn is not postgres:
             conn.close()
+        report.duration_seconds = time.monotonic() - started
     return report
 
 
