@@ -1,8 +1,9 @@
-"""Command line: ``python -m recovery [recover|list] --postgres DSN ...``.
+"""Command line: ``python -m recovery [recover|status|list] --postgres DSN ...``.
 
 Exit codes: 0 nothing of ours remains in doubt past the grace period;
 1 some remain (listed, with the reason); 2 configuration or connection error
-(nothing was changed).
+(nothing was changed). ``status`` and ``list`` change nothing: 1 when something
+is in doubt past the grace period.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import psycopg
 from coordinator.prepared import list_prepared
 
 from ._model import RecoveryReport
+from ._progress import Progress, TerminalLine
+from ._status import status
 from ._worker import RecoveryConfig, RecoveryError, recover
 
 __all__ = ["main"]
@@ -37,8 +40,10 @@ def _parser() -> argparse.ArgumentParser:
         "and by several workers at once.",
     )
     p.add_argument("command", nargs="?", choices=["recover", "list", "status"],
-                   default="recover", help="recover (default), or list/status: show the "
-                   "in-doubt transactions and their age without changing anything")
+                   default="recover", help="recover (default); status: each in-doubt "
+                   "transaction, what its decision log says and what recovery would do now "
+                   "(reads the log without fencing; changes nothing); list: PostgreSQL's "
+                   "view only (gids and ages)")
     p.add_argument("--postgres", default=os.environ.get("PG_DSN"),
                    help="PostgreSQL conninfo of the coordinator's database (default: $PG_DSN; "
                    "put the password in PGPASSWORD or ~/.pgpass, not on the command line)")
@@ -61,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                    default=RecoveryConfig().alert_after_seconds)
     p.add_argument("--dry-run", action="store_true", help="decide and report, change nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="recover: log progress (done/total, committed, rolled back) every "
+                   "SECONDS during a run longer than that (default %(default)s; on a "
+                   "terminal, without --json, also a progress line)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--metrics-file", metavar="PATH",
                    help="write the run's metrics there (node-exporter textfile format, "
@@ -84,7 +93,14 @@ def _kafka_conf(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    if args.progress_interval < 0:
+        print("error: --progress-interval must be >= 0", file=sys.stderr)
+        return EXIT_CONFIG
+    # A progress line on a terminal, unless the output is for a machine.
+    line = (TerminalLine(sys.stderr) if args.command == "recover" and not args.json
+            and sys.stderr.isatty() else None)
+    logging.basicConfig(level=args.log_level.upper(),
+                        handlers=[line.handler() if line else logging.StreamHandler(sys.stderr)],
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if not args.postgres:
         print("error: --postgres (or $PG_DSN) is required", file=sys.stderr)
@@ -98,8 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "'pg-kafka-2pc[metrics]'", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        if args.command in ("list", "status"):
+        if args.command == "list":
             return _list(args)
+        if args.command == "status":
+            return _status(args)
         if not args.bootstrap_servers:
             raise RecoveryError("--bootstrap-servers (or $KAFKA_BOOTSTRAP_SERVERS) is required")
         cfg = RecoveryConfig(
@@ -108,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             alert_after_seconds=args.alert_after_seconds,
             transaction_timeout_ms=args.transaction_timeout_ms,
         )
-        report = recover(args.postgres, _kafka_conf(args), args.name, cfg)
+        with Progress(args.progress_interval, display=line, dry_run=args.dry_run) as progress:
+            report = recover(args.postgres, _kafka_conf(args), args.name, cfg,
+                             progress=progress)
     except (RecoveryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -162,6 +182,20 @@ def _publish(args: argparse.Namespace, report: RecoveryReport) -> None:
         except OSError as exc:
             print(f"error: pushing metrics to {args.pushgateway} failed: {exc}",
                   file=sys.stderr)
+
+
+def _status(args: argparse.Namespace) -> int:
+    cfg = RecoveryConfig(
+        decision_topic=args.decision_topic, grace_seconds=args.grace_seconds,
+        instance=args.instance, dry_run=True,
+    )
+    kafka = _kafka_conf(args) if args.bootstrap_servers else None
+    view = status(args.postgres, kafka, args.name, cfg)
+    if args.json:
+        print(json.dumps(view.as_json(), sort_keys=True))
+    else:
+        print(view.render())
+    return view.exit_code
 
 
 def _list(args: argparse.Namespace) -> int:

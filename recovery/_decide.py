@@ -53,7 +53,8 @@ class LogFacts:
     prefenced: frozenset[str] = frozenset()
     """gids whose producer a live coordinator fenced itself (``recover_own``)."""
     reached: frozenset[int] = frozenset()
-    """Partitions read up to their high watermark as of after the fences."""
+    """Partitions read up to their high watermark as of after the fences (not
+    ``fenced``: as of the read without a fence, which never proves absence)."""
     log_start: Mapping[int, int] = field(default_factory=dict)
     """Log-start offset of each partition, taken after the read."""
     partition_problems: Mapping[int, str] = field(default_factory=dict)

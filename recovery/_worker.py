@@ -47,6 +47,7 @@ from ._decide import LogFacts, VerdictKind, decide, search_starts
 from ._kafka import DecisionReader
 from ._lock import recovery_lock
 from ._model import InDoubt, RecoveryReport, Remaining
+from ._progress import NO_PROGRESS, Outcome, ProgressHook, outcome_of
 
 if TYPE_CHECKING:
     from coordinator import AsyncCoordinator, Coordinator
@@ -100,6 +101,8 @@ def recover(
     kafka: Mapping[str, Any],
     name: str,
     config: RecoveryConfig | None = None,
+    *,
+    progress: ProgressHook = NO_PROGRESS,
 ) -> RecoveryReport:
     """Resolve ``name``'s in-doubt transactions; see the module docstring.
 
@@ -110,6 +113,9 @@ def recover(
     Raises :class:`RecoveryError` when PostgreSQL cannot be used (nothing was
     changed). An unreachable decision topic is not an error: nothing is
     touched and the transactions are reported as remaining.
+
+    ``progress`` is told how many transactions are to be resolved and each
+    one's outcome as it happens (``recovery._progress``).
     """
     cfg = config or RecoveryConfig()
     check_identifier(name, "name")
@@ -131,7 +137,7 @@ def recover(
                 return report
             registry = LogRegistry(cfg.decision_log_table, cfg.registry_schema)
             registered = registry.lookup(conn, name, {t.gid.log for t in in_doubt})
-            _run(conn, postgres, kafka, cfg, in_doubt, registered, report)
+            _run(conn, postgres, kafka, cfg, in_doubt, registered, report, progress)
     except psycopg.OperationalError as exc:
         raise RecoveryError(f"PostgreSQL connection failed: {exc}".strip()) from None
     finally:
@@ -193,7 +199,8 @@ def _prefenced(t: InDoubt, cfg: RecoveryConfig) -> bool:
 
 def _run(conn: Connection, postgres: str | Connection, kafka: Mapping[str, Any],
          cfg: RecoveryConfig, in_doubt: list[InDoubt],
-         registered: Mapping[str, RegisteredLog], report: RecoveryReport) -> None:
+         registered: Mapping[str, RegisteredLog], report: RecoveryReport,
+         progress: ProgressHook = NO_PROGRESS) -> None:
     todo: list[InDoubt] = []
     for t in in_doubt:
         if t.age_seconds < cfg.grace_seconds and not _prefenced(t, cfg):
@@ -211,20 +218,24 @@ def _run(conn: Connection, postgres: str | Connection, kafka: Mapping[str, Any],
         log.info("nothing in doubt past the grace period (%d waiting)", len(report.waiting))
         return
     log.info("%d in-doubt transaction(s) to resolve", len(todo))
+    progress.planned(len(todo))
     by_log: dict[str, list[InDoubt]] = defaultdict(list)
     for t in todo:
         by_log[t.gid.log].append(t)
     decisions: dict[str, bool] = {}
-    for fingerprint, group in sorted(by_log.items()):
+    for n, (fingerprint, group) in enumerate(sorted(by_log.items()), 1):
+        progress.phase(f"decision log {n}/{len(by_log)}: reading")
         facts = _learn(kafka, cfg, fingerprint, group, registered.get(fingerprint), report)
         for t in group:
             verdict = decide(t, facts)
             if verdict.kind is VerdictKind.REMAIN:
                 report.remaining.append(Remaining(t.text, verdict.reason))
                 log.warning("gid=%s stays in doubt: %s", t.text, verdict.reason)
+                progress.counted(Outcome.REMAINING)
             else:
                 decisions[t.text] = verdict.kind is VerdictKind.COMMIT
-    _apply(conn, postgres, cfg, decisions, report)
+    progress.phase("finishing")
+    _apply(conn, postgres, cfg, decisions, report, progress)
 
 
 def _learn(kafka: Mapping[str, Any], cfg: RecoveryConfig, fingerprint: str,
@@ -265,15 +276,20 @@ def _learn(kafka: Mapping[str, Any], cfg: RecoveryConfig, fingerprint: str,
 
             # Pass 1: whatever is readable now, no fence. A visible decision is final.
             try:
-                reader.read_until(reader.high_watermarks(), stall=cfg.stall_seconds,
-                                  deadline=time.monotonic() + cfg.lso_wait_seconds)
+                first = reader.read_until(reader.high_watermarks(), stall=cfg.stall_seconds,
+                                          deadline=time.monotonic() + cfg.lso_wait_seconds)
             finally:
                 found = reader.found()
             absent = [t for t in group if t.text not in found]
             base = LogFacts(dlog.fingerprint, compacted=dlog.compacted,
                             unclean=dlog.unclean_leader_election, found=frozenset(found))
-            if not absent or cfg.dry_run:
+            if not absent:
                 return base
+            if cfg.dry_run:
+                # No fence, so no conclusion; how far the read got, for whoever
+                # explains the verdict (``recovery status``).
+                return replace(base, reached=frozenset(first), log_start=reader.log_starts(),
+                               partition_problems=reader.problems())
 
             # Pass 2: fence, then read up to the high watermark as of after the fence.
             prefenced = frozenset(t.text for t in absent if _prefenced(t, cfg))
@@ -336,10 +352,12 @@ def _fence_all(kafka: Mapping[str, Any], tids: list[str], timeout: float,
 
 
 def _apply(conn: Connection, postgres: str | Connection, cfg: RecoveryConfig,
-           decisions: dict[str, bool], report: RecoveryReport) -> None:
+           decisions: dict[str, bool], report: RecoveryReport,
+           progress: ProgressHook = NO_PROGRESS) -> None:
     if cfg.dry_run:
         for gid, commit in decisions.items():
             (report.committed if commit else report.rolled_back).append(gid)
+            progress.counted(Outcome.COMMITTED if commit else Outcome.ROLLED_BACK)
             log.info("dry run: would %s gid=%s", "commit" if commit else "roll back", gid)
         return
     items = list(decisions.items())
@@ -349,25 +367,31 @@ def _apply(conn: Connection, postgres: str | Connection, cfg: RecoveryConfig,
 
     def run_chunk(chunk: list[tuple[str, bool]], own: bool) -> list[tuple[str, bool, str]]:
         out: list[tuple[str, bool, str]] = []
+
+        def note(gid: str, commit: bool, outcome: str) -> None:
+            out.append((gid, commit, outcome))
+            progress.counted(outcome_of(commit, outcome))
+
         try:
             c = conn if own else _connect_like(postgres)
         except psycopg.Error as exc:
             # Other sessions may already have acted: report, do not raise (an
             # exception here would claim that nothing was changed).
-            return [(gid, commit, f"error: cannot connect: {exc}".strip())
-                    for gid, commit in chunk]
+            for gid, commit in chunk:
+                note(gid, commit, f"error: cannot connect: {exc}".strip())
+            return out
         try:
             for gid, commit in chunk:
                 try:
                     outcome = finish(c, gid, commit)
                 except psycopg.Error as exc:
-                    out.append((gid, commit, f"error: {exc}".strip()))
+                    note(gid, commit, f"error: {exc}".strip())
                     if c.closed or c.broken:
                         for g, cm in chunk[len(out):]:
-                            out.append((g, cm, "error: connection lost"))
+                            note(g, cm, "error: connection lost")
                         break
                     continue
-                out.append((gid, commit, outcome.value))
+                note(gid, commit, outcome.value)
         finally:
             if c is not conn:
                 c.close()
