@@ -40,6 +40,7 @@ from opentelemetry.trace import Link, Span, SpanKind, StatusCode, TracerProvider
 
 from ._enums import Phase, Status
 from .errors import AlreadyCommitted, Error
+from .gid import InvalidGid, parse
 from .observe import Headers, TransactionInfo
 
 __all__ = ["SPAN_NAME", "TracingObserver"]
@@ -106,7 +107,7 @@ class TracingObserver:
 class _TransactionSpan:
     """The span of one transaction (a :class:`~coordinator.observe.TransactionObserver`)."""
 
-    __slots__ = ("_context", "_ended", "_headers", "_lock", "_propagator", "span")
+    __slots__ = ("_context", "_ended", "_gid", "_headers", "_lock", "_propagator", "span")
 
     def __init__(self, span: Span, context: otel_context.Context,
                  propagator: TextMapPropagator) -> None:
@@ -115,6 +116,7 @@ class _TransactionSpan:
         self._propagator = propagator
         self._headers: tuple[tuple[str, bytes], ...] | None = None
         self._ended = False
+        self._gid = False
         self._lock = threading.Lock()
 
     def headers(self) -> Headers:
@@ -129,6 +131,7 @@ class _TransactionSpan:
             "pk2pc.phase": phase.value, "pk2pc.phase.duration_s": seconds})
 
     def prepared(self, gid: str) -> None:
+        self._gid = True
         self.span.set_attribute("pk2pc.gid", gid)
 
     def group(self, members: int) -> None:
@@ -141,6 +144,9 @@ class _TransactionSpan:
                 return
             self._ended = True
         span = self.span
+        if not self._gid and isinstance(error, Error) and _is_gid(error.gid):
+            # Chosen, then PREPARE failed: the gid may still be in doubt somewhere.
+            span.set_attribute("pk2pc.gid", str(error.gid))
         span.set_attribute("pk2pc.status", status.value)
         if status is not Status.COMMITTED:
             if phase is not None:
@@ -155,6 +161,16 @@ class _TransactionSpan:
                     span.record_exception(error)
                 span.set_status(StatusCode.ERROR, _description(status, error))
         span.end()
+
+
+def _is_gid(text: str | None) -> bool:
+    if text is None:
+        return False
+    try:
+        parse(text)
+    except InvalidGid:
+        return False
+    return True
 
 
 def _type_name(error: BaseException) -> str:

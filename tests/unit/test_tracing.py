@@ -265,3 +265,14 @@ def test_in_a_task_the_parent_is_the_tasks_span(observer: TracingObserver,
              if s.name == SPAN_NAME and s.context is not None}
     parents = sorted(s.parent.span_id for s in spans.values() if s.parent is not None)
     assert parents == sorted(outer_id for outer_id, _ in done)
+
+
+@pytest.mark.parametrize(("error_gid", "expected"), [(GID, GID), ("(txid " + "a" * 32 + ")", None)])
+def test_a_gid_chosen_before_a_failed_prepare_is_reported(
+        observer: TracingObserver, exporter: InMemorySpanExporter, error_gid: str,
+        expected: str | None) -> None:
+    tx = observer.transaction(info())
+    tx.end(Status.ROLLED_BACK, Phase.PREPARE,
+           RolledBack("connection lost at PREPARE", gid=error_gid, phase=Phase.PREPARE), 0.1)
+    span = only_span(exporter)
+    assert (span.attributes or {}).get("pk2pc.gid") == expected
