@@ -16,6 +16,7 @@ from ._base import CoordinatorBase
 from ._consume import ConsumerStats, Handler, run_consumer
 from ._enums import Phase
 from ._errmap import pg_startup_error
+from ._logging import log_extra
 from ._transaction import Transaction
 from .config import CoordinatorConfig
 from .errors import ConfigurationError
@@ -86,7 +87,8 @@ class Coordinator(CoordinatorBase):
             self._open = True
         log.info("coordinator name=%s instance=%s ready (%d producers, decision topic %s)",
                  self.name, self.instance, self.config.producers,
-                 self.config.decision_topic.name)
+                 self.config.decision_topic.name,
+                 extra=log_extra(phase=Phase.STARTUP, name=self.name, instance=self.instance))
         return self
 
     def close(self) -> None:

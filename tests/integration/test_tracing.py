@@ -6,6 +6,7 @@ messages' creation contexts. Spans go to a private TracerProvider kept in memory
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -210,3 +211,21 @@ def test_a_no_op_provider_adds_no_header(env: Env) -> None:
     assert tx.status is Status.COMMITTED
     [record] = env.read(topic)
     assert record.headers == ()
+
+
+def test_log_records_carry_the_fields(env: Env, orders: str,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Each record a real transaction emits has gid, phase, pk2pc_name and instance."""
+    caplog.set_level(logging.DEBUG, logger="coordinator")
+    topic = env.topic()
+    coord = env.coordinator()
+    with coord.transaction() as tx:
+        tx.execute("INSERT INTO orders (id, total) VALUES (7, 7)")
+        tx.produce(topic, value=b"x")
+    assert tx.status is Status.COMMITTED
+    ours = [r for r in caplog.records if r.name.startswith("coordinator")]
+    fields = [tuple(r.__dict__[f] for f in ("gid", "phase", "pk2pc_name", "instance"))
+              for r in ours]
+    assert (None, "startup", env.name, env.instance) in fields  # the coordinator is ready
+    assert (tx.gid, "prepare", env.name, env.instance) in fields
+    assert (tx.gid, "pg_commit", env.name, env.instance) in fields
