@@ -44,7 +44,8 @@ async def arun_consumer(coord: AsyncCoordinator, consumer: Consumer, handle: Asy
                         settings: ConsumeSettings, stop: asyncio.Event | None) -> ConsumerStats:
     """``run_consumer`` (``_consume.py``) as a coroutine."""
     stopping = stop or asyncio.Event()
-    loop = ConsumeLoop(consumer, settings, stopping.is_set, coord.config.kafka_timeout)
+    loop = ConsumeLoop(consumer, settings, stopping.is_set, coord.config.kafka_timeout,
+                       coord.name, coord.instance)
 
     async def perform(effect: ConsumeEffect) -> Any:
         match effect:

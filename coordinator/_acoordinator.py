@@ -23,7 +23,9 @@ from ._atransaction import AsyncConnection, AsyncTransaction
 from ._base import CoordinatorBase
 from ._consumecore import ConsumerStats, ConsumeSettings
 from ._effects import NoConnection
+from ._enums import Phase
 from ._errmap import pg_startup_error
+from ._logging import log_extra
 from ._sqlalchemy import AsyncEnginePool, async_engine_pool, check_postgres
 from .config import CoordinatorConfig
 from .errors import UsageError
@@ -105,7 +107,8 @@ class AsyncCoordinator(CoordinatorBase):
             await self._close_resources()
             raise
         log.info("coordinator name=%s instance=%s ready (asyncio; %d producers, decision "
-                 "topic %s)", self.name, self.instance, cfg.producers, cfg.decision_topic.name)
+                 "topic %s)", self.name, self.instance, cfg.producers, cfg.decision_topic.name,
+                 extra=log_extra(phase=Phase.STARTUP, name=self.name, instance=self.instance))
         return self
 
     async def close(self) -> None:

@@ -65,7 +65,7 @@ def run_consumer(
     settings = ConsumeSettings(batch_size, batch_timeout, max_attempts, dead_letter_topic,
                                sleep, decision_poll)
     loop = ConsumeLoop(consumer, settings, (stop or threading.Event()).is_set,
-                       coord.config.kafka_timeout)
+                       coord.config.kafka_timeout, coord.name, coord.instance)
 
     async def perform(effect: ConsumeEffect) -> Any:  # never suspends: see run_now
         match effect:

@@ -32,6 +32,7 @@ from ._consumed import rewind
 from ._effects import Blocking, Execute, Result, Sleep
 from ._enums import Phase
 from ._errmap import describe, is_connection_error
+from ._logging import log_extra
 from ._txcore import TransactionCore
 from .errors import (
     CommittedPendingRecovery,
@@ -43,6 +44,7 @@ from .errors import (
     ServiceUnavailable,
     UsageError,
 )
+from .gid import GID_PREFIX
 
 __all__ = [
     "ConsumeEffect",
@@ -154,6 +156,9 @@ class ConsumeLoop:
     settings: ConsumeSettings
     stopped: Callable[[], bool]
     kafka_timeout: float
+    name: str | None = None
+    """The coordinator's name and instance (for the log records' fields)."""
+    instance: str | None = None
     stats: ConsumerStats = field(default_factory=ConsumerStats)
     attempts: dict[tuple[str, int, int], int] = field(default_factory=dict)
     failures_in_a_row: int = 0
@@ -174,7 +179,7 @@ class ConsumeLoop:
                 elif err.fatal():
                     raise KafkaException(err)
                 else:
-                    log.debug("consumer event: %s", err.str())
+                    log.debug("consumer event: %s", err.str(), extra=self._extra())
             if batch:
                 yield from self.batch(batch)
         return self.stats
@@ -209,7 +214,8 @@ class ConsumeLoop:
                 # consume again, which also serves the consumer's group events.
                 self.failures_in_a_row += 1
                 self.stats.retries += 1
-                log.warning("batch of %d rolled back (%s); consuming it again", len(part), exc)
+                log.warning("batch of %d rolled back (%s); consuming it again", len(part), exc,
+                            extra=self._extra(exc.gid))
                 yield Sleep(min(5.0, 0.1 * 2 ** self.failures_in_a_row), self.settings.sleep)
                 break
         else:
@@ -238,7 +244,7 @@ class ConsumeLoop:
         if len(part) > 1:
             half = len(part) // 2
             log.info("handler failed on a batch of %d (%s): splitting it", len(part),
-                     describe(cause))
+                     describe(cause), extra=self._extra())
             return [part[:half], part[half:]]
         msg = part[0]
         key = (str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0))
@@ -271,7 +277,7 @@ class ConsumeLoop:
         self.stats.dead_lettered += 1
         log.warning("%s[%s] offset %s written to the dead-letter topic %s after %d attempts "
                     "(%s)", msg.topic(), msg.partition(), msg.offset(), topic,
-                    self.settings.max_attempts, describe(cause))
+                    self.settings.max_attempts, describe(cause), extra=self._extra())
 
     def _owned(self, part: list[Message]) -> _Flow[list[Message]]:
         """The messages of partitions still assigned to the consumer: a rebalance
@@ -292,7 +298,14 @@ class ConsumeLoop:
             first[key] = min(first.get(key, int(m.offset() or 0)), int(m.offset() or 0))
         for key in first:
             first[key] = max(first[key], self.committed.get(key, 0))
-        yield Blocking(functools.partial(rewind, self.consumer, first, self.kafka_timeout))
+        yield Blocking(functools.partial(rewind, self.consumer, first, self.kafka_timeout,
+                                         self._extra()))
+
+    def _extra(self, gid: str | None = None) -> dict[str, object]:
+        """Log fields: the consume loop's own records have the phase ``consume``."""
+        if gid is not None and not gid.startswith(GID_PREFIX + ":"):
+            gid = None  # "(txid ...)": no gid was chosen
+        return log_extra(gid=gid, phase="consume", name=self.name, instance=self.instance)
 
     def _wait_decided(self, gid: str | None) -> _Flow[None]:
         """Hold the consumer (its partitions paused, still polled so it stays in the
@@ -309,7 +322,8 @@ class ConsumeLoop:
                 yield Blocking(functools.partial(consumer.poll, self.settings.decision_poll))
                 if time.monotonic() - started > 60:
                     log.warning("gid=%s still in doubt after %.0f s: is the recovery job "
-                                "scheduled?", gid, time.monotonic() - started)
+                                "scheduled?", gid, time.monotonic() - started,
+                                extra=self._extra(gid))
                     started = time.monotonic()
         finally:
             yield Blocking(functools.partial(consumer.resume, assignment))

@@ -5,7 +5,7 @@ the consumer is rewound when it does not commit."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +53,8 @@ class ConsumedBatch:
                                tuple((t, p, o) for (t, p), o in sorted(self.next.items())))
 
 
-def rewind(consumer: Consumer, first: dict[tuple[str, int], int], timeout: float) -> None:
+def rewind(consumer: Consumer, first: dict[tuple[str, int], int], timeout: float,
+           extra: Mapping[str, object] | None = None) -> None:
     """Seek each partition back to the group's committed offset, so that what did
     not commit is delivered again. ``first`` is where to go when the group has no
     offset yet or its offsets cannot be read: the lowest offset known not to be
@@ -65,7 +66,7 @@ def rewind(consumer: Consumer, first: dict[tuple[str, int], int], timeout: float
         committed = consumer.committed([TopicPartition(t, p) for t, p in first], timeout)
     except KafkaException as exc:
         log.warning("cannot read the committed offsets to rewind (%s); seeking to the "
-                    "batch's first offsets", describe(exc))
+                    "batch's first offsets", describe(exc), extra=extra)
         committed = [TopicPartition(t, p, -1) for t, p in first]
     for tp in committed:
         offset = tp.offset if tp.offset >= 0 else first[(tp.topic, tp.partition)]
@@ -73,4 +74,4 @@ def rewind(consumer: Consumer, first: dict[tuple[str, int], int], timeout: float
             consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
         except KafkaException as exc:
             log.info("not rewinding %s[%d] (%s): no longer assigned to this consumer?",
-                     tp.topic, tp.partition, describe(exc))
+                     tp.topic, tp.partition, describe(exc), extra=extra)

@@ -14,7 +14,9 @@ from psycopg_pool import ConnectionPool
 
 from ._base import CoordinatorBase
 from ._consume import ConsumerStats, Handler, run_consumer
+from ._enums import Phase
 from ._errmap import pg_startup_error
+from ._logging import log_extra
 from ._sqlalchemy import EnginePool, check_postgres, engine_pool
 from ._transaction import Transaction
 from .config import CoordinatorConfig
@@ -85,7 +87,8 @@ class Coordinator(CoordinatorBase):
             self._open = True
         log.info("coordinator name=%s instance=%s ready (%d producers, decision topic %s)",
                  self.name, self.instance, self.config.producers,
-                 self.config.decision_topic.name)
+                 self.config.decision_topic.name,
+                 extra=log_extra(phase=Phase.STARTUP, name=self.name, instance=self.instance))
         return self
 
     def close(self) -> None:

@@ -18,7 +18,9 @@ from typing import Any, Concatenate, ParamSpec
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from ._enums import Phase
 from ._errmap import describe, kafka_error_kind, kafka_error_of
+from ._logging import log_extra
 from ._producers import ProducerSlot
 from ._protocol import CommitAction, KafkaErrorKind, KafkaOutcome, commit_action
 from .config import RetryPolicy
@@ -198,14 +200,15 @@ def _run(
             with attempt:
                 attempts = attempt.retry_state.attempt_number
                 if attempts > 1:
-                    log.warning("gid=%s retrying Kafka commit (attempt %d)", log_id, attempts)
+                    log.warning("gid=%s retrying Kafka commit (attempt %d)", log_id, attempts,
+                                extra=_extra(slot, log_id))
                 producer.commit_transaction(timeout)
     except Exception as exc:
         kind = _kind_of(exc)
         assert commit_action(kind, retries_left=False) is CommitAction.LEAVE_IN_DOUBT
         elapsed = time.monotonic() - started
         log.warning("gid=%s Kafka commit failed after %d attempt(s): %s", log_id, attempts,
-                    describe(exc))
+                    describe(exc), extra=_extra(slot, log_id))
         # Replace the producer: its new epoch fences whatever of this transaction is
         # still in flight (librdkafka has no KIP-890 protection against a late
         # request landing in the next transaction of the same epoch).
@@ -214,8 +217,15 @@ def _run(
     # The commit succeeded, so every message was delivered; check the reports anyway.
     if deliveries.error is not None or deliveries.pending != 0:
         log.error("gid=%s Kafka commit succeeded but delivery reports disagree "
-                  "(pending=%d, error=%s)", log_id, deliveries.pending, deliveries.error)
+                  "(pending=%d, error=%s)", log_id, deliveries.pending, deliveries.error,
+                  extra=_extra(slot, log_id))
     return KafkaResult(KafkaOutcome.COMMITTED, commit_seconds=time.monotonic() - started)
+
+
+def _extra(slot: ProducerSlot, log_id: str) -> dict[str, object]:
+    """Log fields: ``log_id`` is a gid, or a group's first gid and its size."""
+    return log_extra(gid=log_id.split(" ", 1)[0], phase=Phase.KAFKA_COMMIT,
+                     transactional_id=slot.transactional_id)
 
 
 def _kind_of(exc: BaseException) -> KafkaErrorKind:
@@ -292,5 +302,5 @@ def _abort(slot: ProducerSlot, producer: Producer, timeout: float, log_id: str) 
         producer.abort_transaction(timeout)
     except Exception as exc:
         log.warning("gid=%s Kafka abort failed (%s); re-creating the producer", log_id,
-                    describe(exc))
+                    describe(exc), extra=_extra(slot, log_id))
     slot.discard()

@@ -112,7 +112,8 @@ def finish_prepared(gid: str, commit: bool, retry: RetryPolicy,
             if a.retry_state.attempt_number > 1:
                 log.warning("gid=%s retrying %s (attempt %d)", gid,
                             "COMMIT PREPARED" if commit else "ROLLBACK PREPARED",
-                            a.retry_state.attempt_number, extra=log_extra(gid=gid))
+                            a.retry_state.attempt_number,
+                            extra=log_extra(gid=gid, phase=Phase.PG_COMMIT))
             here, on_pool = on_pool, True  # any retry takes a pooled connection
             result = yield from finish_flow(gid, commit, on_pool=here)
             if result is Finish.BUSY:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from confluent_kafka import KafkaException, Producer
 
 from ._errmap import is_transient, kafka_error_of, kafka_startup_error
+from ._logging import log_extra
 
 __all__ = [
     "ProducerFactory",
@@ -116,7 +117,7 @@ class ProducerSlot:
             self.advance_floor(_until_done(
                 lambda: self._high_watermark(self.decision_partition), end))
         except BaseException:
-            close_quietly(producer)
+            close_quietly(producer, self.transactional_id)
             raise
         self._generations += 1
         self._live = _Live(producer, self._generations)
@@ -144,7 +145,7 @@ class ProducerSlot:
         """Drop the producer after a failure; the next :meth:`session` makes a new one."""
         live, self._live = self._live, None
         if live is not None:
-            close_quietly(live.producer)
+            close_quietly(live.producer, self.transactional_id)
 
     @property
     def alive(self) -> bool:
@@ -171,7 +172,7 @@ def fence(transactional_id: str, conf: dict[str, Any], timeout: float,
         end = time.monotonic() + timeout
         _until_done(lambda: producer.init_transactions(max(1.0, end - time.monotonic())), end)
     finally:
-        close_quietly(producer)
+        close_quietly(producer, transactional_id)
 
 
 def _until_done(call: Callable[[], T], end: float) -> T:
@@ -187,7 +188,7 @@ def _until_done(call: Callable[[], T], end: float) -> T:
             time.sleep(0.05)
 
 
-def close_quietly(producer: Producer) -> None:
+def close_quietly(producer: Producer, transactional_id: str | None = None) -> None:
     """Purge, flush and close a producer; a failing step must neither mask the real
     error nor skip the steps after it (``close()`` above all)."""
     steps: tuple[Callable[[], object], ...] = (
@@ -199,7 +200,8 @@ def close_quietly(producer: Producer) -> None:
         try:
             step()
         except Exception:
-            log.debug("closing a discarded producer: a step failed", exc_info=True)
+            log.debug("closing a discarded producer: a step failed", exc_info=True,
+                      extra=log_extra(transactional_id=transactional_id))
 
 
 class ProducerPool:

@@ -228,7 +228,8 @@ class TransactionCore:
         batch = self._consumed
         if batch is not None:
             timeout = self._coord.config.kafka_timeout
-            yield Blocking(lambda: rewind(batch.consumer, batch.first, timeout))
+            extra = self._extra()
+            yield Blocking(lambda: rewind(batch.consumer, batch.first, timeout, extra))
 
     def _abandon(self, event: Event) -> Flow[None]:
         """Roll PostgreSQL back (if still open), record ``event``, release the connection."""
@@ -385,8 +386,9 @@ class TransactionCore:
             log.warning("gid=%s rolled back: Kafka %s (%s)", gid, step.phase.value,
                         result.detail, extra=self._extra(step.phase))
         else:
-            log.error("gid=%s Kafka commit outcome unknown (%s); PostgreSQL left prepared "
-                      "for recovery", gid, result.detail, extra=self._extra(step.phase))
+            # Recovery decides it from the decision log: nothing for a human to do yet.
+            log.warning("gid=%s Kafka commit outcome unknown (%s); PostgreSQL left prepared "
+                        "for recovery", gid, result.detail, extra=self._extra(step.phase))
         assert step.error is not None
         raise after_kafka_error(step.error, result, gid, step.phase, complete) from result.error
 
@@ -397,8 +399,8 @@ class TransactionCore:
         try:
             result = yield from self._finish_prepared(commit=False)
         except Exception as exc:
-            log.error("gid=%s ROLLBACK PREPARED failed (%s); recovery will roll it back",
-                      self.gid, describe(exc), extra=self._extra(Phase.PG_COMMIT))
+            log.warning("gid=%s ROLLBACK PREPARED failed (%s); recovery will roll it back",
+                        self.gid, describe(exc), extra=self._extra(Phase.PG_COMMIT))
             return None
         if result is Finish.GONE and (yield from self._fate()) == "committed":
             raise self._diverged(kafka_committed=False)
@@ -409,9 +411,9 @@ class TransactionCore:
         try:
             result = yield from self._finish_prepared(commit=True)
         except Exception as exc:
-            log.error("gid=%s COMMITTED in Kafka but COMMIT PREPARED failed (%s); recovery "
-                      "will commit the PostgreSQL side", self.gid, describe(exc),
-                      extra=self._extra(Phase.PG_COMMIT))
+            log.warning("gid=%s COMMITTED in Kafka but COMMIT PREPARED failed (%s); recovery "
+                        "will commit the PostgreSQL side", self.gid, describe(exc),
+                        extra=self._extra(Phase.PG_COMMIT))
             raise committed_pending(exc, self.gid) from exc
         finally:
             self._obs.phase(Phase.PG_COMMIT)

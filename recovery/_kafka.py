@@ -20,6 +20,8 @@ from coordinator.decision_log import (
     log_start_offsets,
 )
 
+from ._logfields import fields
+
 __all__ = ["DecisionReader"]
 
 log = logging.getLogger("recovery.kafka")
@@ -162,4 +164,4 @@ class DecisionReader:
                 KafkaError._RESOLVE)):
             raise KafkaException(err)
         log.warning("decision log %s: transient consumer error, reading on: %s", self.topic,
-                    err.str())
+                    err.str(), extra=fields())

@@ -46,6 +46,7 @@ from coordinator.registry import LogRegistry, RegisteredLog
 from ._decide import LogFacts, VerdictKind, decide, search_starts
 from ._kafka import DecisionReader
 from ._lock import recovery_lock
+from ._logfields import fields
 from ._model import InDoubt, RecoveryReport, Remaining
 from ._progress import NO_PROGRESS, Outcome, ProgressHook, outcome_of
 
@@ -137,7 +138,7 @@ def recover(
                 return report
             registry = LogRegistry(cfg.decision_log_table, cfg.registry_schema)
             registered = registry.lookup(conn, name, {t.gid.log for t in in_doubt})
-            _run(conn, postgres, kafka, cfg, in_doubt, registered, report, progress)
+            _run(conn, postgres, kafka, cfg, in_doubt, registered, report, progress, name)
     except psycopg.OperationalError as exc:
         raise RecoveryError(f"PostgreSQL connection failed: {exc}".strip()) from None
     finally:
@@ -200,7 +201,7 @@ def _prefenced(t: InDoubt, cfg: RecoveryConfig) -> bool:
 def _run(conn: Connection, postgres: str | Connection, kafka: Mapping[str, Any],
          cfg: RecoveryConfig, in_doubt: list[InDoubt],
          registered: Mapping[str, RegisteredLog], report: RecoveryReport,
-         progress: ProgressHook = NO_PROGRESS) -> None:
+         progress: ProgressHook = NO_PROGRESS, name: str | None = None) -> None:
     todo: list[InDoubt] = []
     for t in in_doubt:
         if t.age_seconds < cfg.grace_seconds and not _prefenced(t, cfg):
@@ -211,13 +212,16 @@ def _run(conn: Connection, postgres: str | Connection, kafka: Mapping[str, Any],
         report.oldest_age_seconds = max(t.age_seconds for t in in_doubt)
     for t in todo:
         if t.age_seconds > cfg.alert_after_seconds:
-            log.warning("ALERT gid=%s in doubt for %.0f s (prepared %s): PostgreSQL keeps its "
-                        "locks and VACUUM is held back until it is resolved", t.text,
-                        t.age_seconds, t.prepared.isoformat())
+            # A human must look: recovery has not resolved it for that long.
+            log.error("ALERT gid=%s in doubt for %.0f s (prepared %s): PostgreSQL keeps its "
+                      "locks and VACUUM is held back until it is resolved", t.text,
+                      t.age_seconds, t.prepared.isoformat(), extra=fields(gid=t.text))
     if not todo:
-        log.info("nothing in doubt past the grace period (%d waiting)", len(report.waiting))
+        log.info("nothing in doubt past the grace period (%d waiting)", len(report.waiting),
+                 extra=fields(name=name, instance=cfg.instance))
         return
-    log.info("%d in-doubt transaction(s) to resolve", len(todo))
+    log.info("%d in-doubt transaction(s) to resolve", len(todo),
+             extra=fields(name=name, instance=cfg.instance))
     progress.planned(len(todo))
     by_log: dict[str, list[InDoubt]] = defaultdict(list)
     for t in todo:
@@ -230,7 +234,8 @@ def _run(conn: Connection, postgres: str | Connection, kafka: Mapping[str, Any],
             verdict = decide(t, facts)
             if verdict.kind is VerdictKind.REMAIN:
                 report.remaining.append(Remaining(t.text, verdict.reason))
-                log.warning("gid=%s stays in doubt: %s", t.text, verdict.reason)
+                log.warning("gid=%s stays in doubt: %s", t.text, verdict.reason,
+                            extra=fields(gid=t.text))
                 progress.counted(Outcome.REMAINING)
             else:
                 decisions[t.text] = verdict.kind is VerdictKind.COMMIT
@@ -311,7 +316,9 @@ def _learn(kafka: Mapping[str, Any], cfg: RecoveryConfig, fingerprint: str,
                 partition_problems=reader.problems())
     except KafkaException as exc:
         # Decisions already seen stay valid: commit those, leave the rest in doubt.
-        log.error("decision log %s (topic %r): %s", fingerprint, topic, exc)
+        # Left in doubt and retried by the next run (exit code 1 says so).
+        log.warning("decision log %s (topic %r): %s", fingerprint, topic, exc,
+                    extra=fields(name=group[0].gid.name))
         return LogFacts(checked, unusable=f"decision log unreachable: {exc}",
                         found=frozenset(found))
 
@@ -344,10 +351,12 @@ def _fence_all(kafka: Mapping[str, Any], tids: list[str], timeout: float,
         for tid, err in ex.map(one, tids):
             if err is None:
                 report.fenced.append(tid)
-                log.info("fenced transactional.id %s", tid)
+                log.info("fenced transactional.id %s", tid, extra=fields(transactional_id=tid))
             else:
                 failed[tid] = err
-                log.error("fencing transactional.id %s failed: %s", tid, err)
+                # Left in doubt and retried by the next run (exit code 1 says so).
+                log.warning("fencing transactional.id %s failed: %s", tid, err,
+                            extra=fields(transactional_id=tid))
     return failed
 
 
@@ -358,7 +367,8 @@ def _apply(conn: Connection, postgres: str | Connection, cfg: RecoveryConfig,
         for gid, commit in decisions.items():
             (report.committed if commit else report.rolled_back).append(gid)
             progress.counted(Outcome.COMMITTED if commit else Outcome.ROLLED_BACK)
-            log.info("dry run: would %s gid=%s", "commit" if commit else "roll back", gid)
+            log.info("dry run: would %s gid=%s", "commit" if commit else "roll back", gid,
+                     extra=fields(gid=gid))
         return
     items = list(decisions.items())
     if not items:
@@ -411,16 +421,18 @@ def _apply(conn: Connection, postgres: str | Connection, cfg: RecoveryConfig,
                   else "no decision record after fencing the producer")
         if outcome == Finish.DONE.value:
             (report.committed if commit else report.rolled_back).append(gid)
-            log.info("gid=%s %s: %s", gid, verb, reason)
+            log.info("gid=%s %s: %s", gid, verb, reason, extra=fields(gid=gid))
         elif outcome == Finish.GONE.value:
             report.skipped.append(gid)
-            log.info("gid=%s already resolved by another session; skipped", gid)
+            log.info("gid=%s already resolved by another session; skipped", gid,
+                     extra=fields(gid=gid))
         elif outcome == Finish.BUSY.value:
             report.remaining.append(Remaining(gid, "busy: another session is finishing it"))
-            log.warning("gid=%s busy (another session is finishing it)", gid)
+            log.warning("gid=%s busy (another session is finishing it)", gid,
+                        extra=fields(gid=gid))
         else:
             report.remaining.append(Remaining(gid, f"{verb} failed: {outcome}"))
-            log.error("gid=%s %s failed: %s", gid, verb, outcome)
+            log.error("gid=%s %s failed: %s", gid, verb, outcome, extra=fields(gid=gid))
 
 
 def _connect_like(postgres: str | Connection) -> Connection:
