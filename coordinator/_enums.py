@@ -31,7 +31,11 @@ class Status(StrEnum):
     ROLLED_BACK = "rolled_back"
     """Neither side is, or will become, visible."""
     IN_DOUBT = "in_doubt"
-    """The Kafka commit outcome is unknown; recovery will decide from the log."""
+    """The outcome is unknown. With Kafka messages: the Kafka commit's outcome is
+    unknown and recovery will decide from the decision log. Without (the
+    one-phase ``COMMIT`` lost its connection): PostgreSQL committed or not, and
+    nothing was published either way; look at the data (or retry with the same
+    idempotency key)."""
     DIVERGED = "diverged"
     """One side committed and the other rolled back: the protocol is built so that
     this cannot happen (reported with :class:`~coordinator.Diverged`)."""

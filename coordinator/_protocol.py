@@ -13,6 +13,7 @@ without services.
     NOT_STARTED --BEGIN ok--> ACTIVE          NOT_STARTED --BEGIN failed--> ROLLED_BACK
     ACTIVE --block raised / PREPARE failed / failed before the Kafka work--> ROLLED_BACK
     ACTIVE --no Kafka message: plain COMMIT ok--> COMMITTED          (one-phase)
+    ACTIVE --one-phase COMMIT lost its connection--> IN_DOUBT     (nothing to recover)
     ACTIVE --PREPARE TRANSACTION ok--> PREPARED
     PREPARED --the Kafka transaction starts--> COMMITTING
     COMMITTING --failed before commit_transaction()--> ROLLED_BACK
@@ -51,6 +52,7 @@ class Event(StrEnum):
     PREPARED = "prepared"
     PREPARE_FAILED = "prepare_failed"
     ONE_PHASE_COMMITTED = "one_phase_committed"
+    ONE_PHASE_OUTCOME_UNKNOWN = "one_phase_outcome_unknown"
     KAFKA_STARTED = "kafka_started"
     FAILED_BEFORE_COMMIT = "failed_before_commit"
     KAFKA_COMMITTED = "kafka_committed"
@@ -67,6 +69,7 @@ _TRANSITIONS: dict[tuple[Status, Event], Status] = {
     (Status.ACTIVE, Event.FAILED_BEFORE_COMMIT): Status.ROLLED_BACK,
     (Status.ACTIVE, Event.PREPARED): Status.PREPARED,
     (Status.ACTIVE, Event.ONE_PHASE_COMMITTED): Status.COMMITTED,
+    (Status.ACTIVE, Event.ONE_PHASE_OUTCOME_UNKNOWN): Status.IN_DOUBT,
     (Status.PREPARED, Event.KAFKA_STARTED): Status.COMMITTING,
     (Status.COMMITTING, Event.FAILED_BEFORE_COMMIT): Status.ROLLED_BACK,
     (Status.COMMITTING, Event.KAFKA_COMMITTED): Status.DECIDED,

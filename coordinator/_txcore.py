@@ -143,13 +143,15 @@ class TransactionCore:
             raise UsageError("a Transaction can be used only once")
         coord = self._coord
         coord._ready()
-        self._obs = coord._observers.transaction(
-            self.txid, self.idempotency_key,
-            () if self._consumed is None else self._consumed.headers)
         if self._consumed is not None:
             # The group generation the batch was consumed under: if the consumer loses
             # its partitions in a rebalance, the commit of these offsets is fenced.
             self._group_metadata = self._consumed.consumer.consumer_group_metadata()
+        # Observers are told of the transaction only once nothing can fail before
+        # the try blocks below, which always tell them how it ended.
+        self._obs = coord._observers.transaction(
+            self.txid, self.idempotency_key,
+            () if self._consumed is None else self._consumed.headers)
         try:
             yield from self._begin()
         except BaseException as exc:
@@ -327,8 +329,10 @@ class TransactionCore:
         try:
             yield Execute("COMMIT")
         except psycopg.Error as exc:
-            yield from self._abandon(Event.BLOCK_FAILED)
-            if is_connection_error(exc):  # not class 40: a deadlock is a rollback
+            unknown = is_connection_error(exc)  # not class 40: a deadlock is a rollback
+            yield from self._abandon(
+                Event.ONE_PHASE_OUTCOME_UNKNOWN if unknown else Event.BLOCK_FAILED)
+            if unknown:
                 raise OutcomeUnknown(
                     f"connection lost during COMMIT (no Kafka message): {describe(exc)}",
                     phase=Phase.PG_COMMIT) from exc

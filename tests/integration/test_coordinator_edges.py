@@ -10,6 +10,7 @@ import pytest
 
 from coordinator import (
     GroupCommit,
+    OutcomeUnknown,
     Phase,
     PrepareForbidden,
     RolledBack,
@@ -104,6 +105,20 @@ def test_one_phase_commit_failing_rolls_back(env: Env, orders: str) -> None:
     assert tx.status is Status.ROLLED_BACK
     assert env.ids() == [] and env.idempotency_rows() == {} and env.prepared() == []
     assert env.decisions() == {}
+
+
+def test_one_phase_commit_losing_its_connection_is_in_doubt(env: Env, orders: str) -> None:
+    """The server goes away before the one-phase COMMIT: from the client's side the
+    COMMIT may or may not have happened, so the outcome is unknown, never guessed."""
+    coord = env.coordinator()
+    tx = coord.transaction()
+    with pytest.raises(OutcomeUnknown) as info, tx:
+        tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+        env.terminate(tx.connection.info.backend_pid)
+    assert info.value.phase is Phase.PG_COMMIT
+    assert tx.status is Status.IN_DOUBT
+    assert env.prepared() == [] and env.decisions() == {}
+    assert env.ids() == []  # it was in fact killed before the COMMIT reached it
 
 
 def test_produce_only_block_commits(env: Env) -> None:

@@ -91,9 +91,8 @@ def test_one_phase_commit_is_labelled_commit() -> None:
         (Status.ROLLED_BACK, Phase.PRODUCE, RolledBack("x"), ("rolled_back", "produce")),
         (Status.IN_DOUBT, Phase.KAFKA_COMMIT, OutcomeUnknown("x"), ("in_doubt", "kafka_commit")),
         (Status.DECIDED, Phase.PG_COMMIT, RuntimeError("x"), ("decided", "pg_commit")),
-        # The protocol ends a one-phase COMMIT that lost its connection as rolled back,
-        # but its outcome is unknown: counted as in doubt.
-        (Status.ROLLED_BACK, Phase.PG_COMMIT, OutcomeUnknown("x"), ("in_doubt", "pg_commit")),
+        # A one-phase COMMIT that lost its connection: its outcome is unknown.
+        (Status.IN_DOUBT, Phase.PG_COMMIT, OutcomeUnknown("x"), ("in_doubt", "pg_commit")),
         (Status.PREPARED, None, KeyboardInterrupt(), ("prepared", "none")),
     ],
 )

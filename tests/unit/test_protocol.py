@@ -30,6 +30,7 @@ ALLOWED: dict[tuple[Status, Event], Status] = {
     (Status.ACTIVE, Event.FAILED_BEFORE_COMMIT): Status.ROLLED_BACK,
     (Status.ACTIVE, Event.PREPARED): Status.PREPARED,
     (Status.ACTIVE, Event.ONE_PHASE_COMMITTED): Status.COMMITTED,
+    (Status.ACTIVE, Event.ONE_PHASE_OUTCOME_UNKNOWN): Status.IN_DOUBT,
     (Status.PREPARED, Event.KAFKA_STARTED): Status.COMMITTING,
     (Status.COMMITTING, Event.FAILED_BEFORE_COMMIT): Status.ROLLED_BACK,
     (Status.COMMITTING, Event.KAFKA_COMMITTED): Status.DECIDED,
