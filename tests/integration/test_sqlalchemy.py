@@ -98,6 +98,7 @@ def test_orm_writes_commit_with_the_messages(env: Env, engine: Any) -> None:
         tx.session.add(customer)  # not flushed by the block: the coordinator flushes
         tx.produce(topic, key=b"1", value=b"customer created")
     assert tx.status is Status.COMMITTED
+    assert [o.total for o in customer.orders] == [5, 7]  # detached, still readable
     assert customers(env) == [("ada@example.com", 5), ("ada@example.com", 7)]
     assert [m.value for m in env.read(topic)] == [b"customer created"]
     assert env.prepared() == []
