@@ -30,11 +30,7 @@ FIELDS = ("gid", "phase", "pk2pc_name", "instance")
 GID = "pk2pc2:orders:i-1:3:2:17:0123456789ab:" + "f" * 32
 LEVELS = {"debug", "info", "warning", "error", "critical", "exception", "log"}
 
-KNOWN_WITHOUT_FIELDS = {
-    # The observer fan-out (owned by the observer seam) logs a failing observer
-    # without knowing the transaction: see docs/observability.md.
-    ("coordinator/_observing.py", "observer failed in %s (ignored)"),
-}
+KNOWN_WITHOUT_FIELDS: set[tuple[str, str]] = set()
 
 
 def scan(source: str, filename: str) -> list[tuple[str, int, str, bool]]:
@@ -146,3 +142,35 @@ def test_the_scan_tells_calls_with_and_without_fields() -> None:
               'logger.exception("z")\nother.info("not a logger")\n')
     assert scan(source, "f.py") == [("f.py", 1, "x %s", False), ("f.py", 2, "y", True),
                                      ("f.py", 3, "z", False)]
+
+
+class _Raising:
+    """An observer whose every call raises."""
+
+    def transaction(self, info: object) -> _Raising:
+        return self
+
+    def __getattr__(self, name: str) -> object:
+        def fail(*args: object) -> None:
+            raise RuntimeError(f"observer {name} failed")
+        return fail
+
+
+def test_a_failing_observer_is_logged_with_the_transactions_fields(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from coordinator._enums import Phase, Status
+    from coordinator._observing import Observers
+
+    observers = Observers([_Raising()], "orders", "i-1")  # type: ignore[list-item]
+    with caplog.at_level(logging.ERROR, logger="coordinator"):
+        tx = observers.transaction("txid", None)
+        tx.prepared(GID)
+        tx.phase(Phase.PREPARE)
+        tx.end(Status.COMMITTED, None, None)
+    records = [r for r in caplog.records if r.getMessage().startswith("observer failed")]
+    assert [r.getMessage() for r in records] == [
+        "observer failed in prepared (ignored)", "observer failed in phase (ignored)",
+        "observer failed in end (ignored)"]
+    for record in records:
+        assert (record.pk2pc_name, record.instance, record.gid) == ("orders", "i-1", GID)  # type: ignore[attr-defined]
+    assert records[1].phase == "prepare"  # type: ignore[attr-defined]
