@@ -136,7 +136,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--aio-producer", action="store_true",
                     help="a Kafka transaction's produce + commit from asyncio: "
                     "confluent_kafka.aio.AIOProducer vs the blocking Producer in a "
-                    "ThreadPoolExecutor, and a check of AIOProducer's transactional API")
+                    "ThreadPoolExecutor (at most 3 runs of at most 3 s per figure), and a check "
+                    "of AIOProducer's transactional API")
     ap.add_argument("--aio-messages", default="2,16,128",
                     help="messages per Kafka transaction of --aio-producer, comma-separated")
     args = ap.parse_args(argv)
