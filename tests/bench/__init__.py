@@ -17,7 +17,16 @@ dual-write and a transactional outbox, ``--memory N`` and ``--consume``. Its mod
                 (``run_consumer``) vs at least once vs an idempotent consumer
 ``consume_paths``   its three stages, and the laps that say where their time goes
 ``consume_report``  its tables and ratio line
+``aio_mode``    the ``--asyncio`` mode: (h) ``AsyncCoordinator`` with group commit vs (i)
+                async naive dual-write, asyncio tasks on one event loop
+``aio_paths``   its two paths; ``aio_loop`` its closed loop of tasks (and the loop's lag)
+``aio_producer``    the ``--aio-producer`` mode: a Kafka transaction from asyncio through
+                ``confluent_kafka.aio.AIOProducer`` vs the blocking producer in worker
+                threads, and a check of AIOProducer's transactional API
 
 ``python -m tests.bench.recovery``: one recovery run over 10,000 in-doubt transactions,
 on a throw-away PostgreSQL cluster (``pgcluster``).
+
+``python -m tests.bench.aio_profile``: where an operation of the asyncio coordinator goes
+(phases, CPU of the event-loop thread), next to the synchronous coordinator's.
 """

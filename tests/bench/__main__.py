@@ -35,6 +35,11 @@ Usage (through ``scripts/bench``, which starts the local stack, or
                                   # produce stage, exactly once vs at least once vs an
                                   # idempotent consumer, at batch sizes 1, 100, 500
     scripts/bench --consume --quick
+    scripts/bench --asyncio       # asyncio: (h) AsyncCoordinator with group commit vs
+                                  # (i) async naive dual-write, at 32 and 256 tasks
+    scripts/bench --asyncio --quick
+    scripts/bench --aio-producer  # a Kafka transaction from asyncio: confluent_kafka.aio.
+                                  # AIOProducer vs the blocking Producer in worker threads
 
 The services come from ``PG_DSN`` and ``KAFKA_BOOTSTRAP_SERVERS``. The last
 line of the main mode is::
@@ -49,6 +54,9 @@ The last line of ``--consume`` is::
     consume_exactly_once_vs_at_least_once=R consume_exactly_once_vs_idempotent=R
 
 ((e)'s messages/s over (f)'s and (g)'s at the largest batch size; see ``consume.py``).
+The last line of ``--asyncio`` is ``async_group_vs_async_naive=R`` ((h)'s throughput
+over (i)'s at 256 tasks; see ``aio_mode.py``), that of ``--aio-producer``
+``aio_producer_vs_threads=R`` (see ``aio_producer.py``).
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ from pathlib import Path
 
 from coordinator import CoordinatorConfig, GroupCommit
 
-from . import consume, memory, throughput
+from . import aio_mode, aio_producer, consume, memory, throughput
 from .consume_paths import CONSUME_PATHS
 from .env import DEFAULT_OUT, QUICK_OUT
 from .paths import PATHS
@@ -117,6 +125,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "measurement at 60,000 messages/s)")
     ap.add_argument("--no-consume", action="store_true",
                     help="with --quick: skip the consume path at the largest batch size")
+    ap.add_argument("--asyncio", action="store_true",
+                    help="asyncio: (h) AsyncCoordinator with group commit vs (i) async "
+                    "naive dual-write, at each --tasks count, on one event loop")
+    ap.add_argument("--tasks", default="32,256",
+                    help="asyncio task counts of --asyncio, comma-separated")
+    ap.add_argument("--async-pool", type=int, default=64,
+                    help="connection pool size of both --asyncio paths (at most the highest "
+                    "--tasks; PostgreSQL's max_prepared_transactions bounds (h)'s)")
+    ap.add_argument("--aio-producer", action="store_true",
+                    help="a Kafka transaction's produce + commit from asyncio: "
+                    "confluent_kafka.aio.AIOProducer vs the blocking Producer in a "
+                    "ThreadPoolExecutor (at most 3 runs of at most 3 s per figure), and a check "
+                    "of AIOProducer's transactional API")
+    ap.add_argument("--aio-messages", default="2,16,128",
+                    help="messages per Kafka transaction of --aio-producer, comma-separated")
     args = ap.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 5
@@ -138,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return memory.main(args, out_dir)
     if args.consume:
         return consume.main(args, out_dir)
+    if args.asyncio:
+        return aio_mode.main(args, out_dir)
+    if args.aio_producer:
+        return aio_producer.main(args, out_dir)
     return throughput.main(args, out_dir)
 
 
