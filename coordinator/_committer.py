@@ -47,13 +47,23 @@ class Committer(Protocol):
         """
         ...
 
+    def join_now(self) -> Ticket | None:
+        """:meth:`join` when it needs no waiting (a slot is free and has a
+        producer session), else ``None``: never blocks, so the asyncio driver
+        calls it on the event loop and only goes to a worker thread for
+        :meth:`join` when it returns ``None``."""
+        ...
+
 
 class _PerOpTicket:
     def __init__(self, owner: PerOperationCommitter, slot: ProducerSlot,
-                 timeout: float) -> None:
+                 timeout: float, session: Session | None = None) -> None:
         self._owner = owner
         self.slot = slot
         self._done = False
+        if session is not None:
+            self.session = session
+            return
         try:
             self.session = slot.session(time.monotonic() + timeout)
         except BaseException:
@@ -94,3 +104,13 @@ class PerOperationCommitter:
         deadline = time.monotonic() + timeout
         slot = self.pool.acquire(timeout)
         return _PerOpTicket(self, slot, max(0.0, deadline - time.monotonic()))
+
+    def join_now(self) -> Ticket | None:
+        slot = self.pool.try_acquire()
+        if slot is None:
+            return None
+        session = slot.current_session()
+        if session is None:
+            self.pool.release(slot)
+            return None
+        return _PerOpTicket(self, slot, 0.0, session)

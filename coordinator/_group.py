@@ -61,13 +61,18 @@ class _SlotBatcher:
 
 
 class _GroupTicket:
-    def __init__(self, owner: GroupCommitter, batcher: _SlotBatcher, timeout: float) -> None:
+    def __init__(self, owner: GroupCommitter, batcher: _SlotBatcher, timeout: float,
+                 session: Session | None = None) -> None:
         self._owner = owner
         self._batcher = batcher
         self.slot = batcher.slot
         self._done = False
+        self.session: Session
+        if session is not None:
+            self.session = session
+            return
         try:
-            self.session: Session = batcher.slot.session(time.monotonic() + timeout)
+            self.session = batcher.slot.session(time.monotonic() + timeout)
         except BaseException:
             self.cancel()
             raise
@@ -113,6 +118,16 @@ class GroupCommitter:
             with batcher.cond:
                 batcher.outstanding += 1
         return _GroupTicket(self, batcher, timeout)
+
+    def join_now(self) -> Ticket | None:
+        with self._lock:
+            batcher = min(self._batchers, key=lambda b: b.load)
+            session = batcher.slot.current_session()
+            if session is None:
+                return None
+            with batcher.cond:
+                batcher.outstanding += 1
+        return _GroupTicket(self, batcher, 0.0, session)
 
     def _commit(self, b: _SlotBatcher, me: _Member) -> KafkaResult:
         me.wake.acquire()

@@ -107,6 +107,12 @@ class ProducerSlot:
                 assert live is not None
         return Session(live.generation, self._floor)
 
+    def current_session(self) -> Session | None:
+        """The current session if the slot has a producer, else ``None``: never
+        waits (what :meth:`session` returns without blocking)."""
+        live = self._live
+        return None if live is None else Session(live.generation, self._floor)
+
     def _start(self, deadline: float | None) -> None:
         producer = self._factory(self._conf)
         end = deadline if deadline is not None else time.monotonic() + 3 * self._timeout
@@ -229,6 +235,13 @@ class ProducerPool:
             return self._free.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"no transactional producer free within {timeout}s") from None
+
+    def try_acquire(self) -> ProducerSlot | None:
+        """A free slot if one is free now, else ``None``."""
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            return None
 
     def release(self, slot: ProducerSlot) -> None:
         self._free.put(slot)

@@ -276,9 +276,13 @@ class TransactionCore:
         topics = {m.topic for m in self._messages}
         timeout = coord.config.connection_timeout
         try:
-            yield Blocking(lambda: coord._check_topics(topics))
-            ticket: Ticket = yield Blocking(lambda: committer.join(timeout),
-                                            waits_for_others=True)
+            if not topics <= coord._known_topics:  # else nothing to ask Kafka
+                yield Blocking(lambda: coord._check_topics(topics))
+            ticket: Ticket | None = committer.join_now()  # never waits
+            if ticket is None:
+                ticket = yield Blocking(lambda: committer.join(timeout),
+                                        waits_for_others=True)
+            assert ticket is not None
         except (TimeoutError, KafkaException, TopicUnusable) as exc:
             yield from self._abandon(Event.FAILED_BEFORE_COMMIT)
             raise rolled_back(before_prepare_reason(exc), Phase.PRODUCE,
