@@ -111,7 +111,7 @@ DRIVERS = ("sync", "async")
 """``--driver``: :class:`~coordinator.Coordinator` or :class:`~coordinator.AsyncCoordinator`."""
 
 __all__ = ["DRIVERS", "PAUSE_STEPS", "POINTS", "CrashState", "CrashingProducer",
-           "crashing_producers", "main", "told"]
+           "crashing_producers", "main"]
 
 
 class CrashState:
@@ -298,7 +298,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def told(exc: BaseException | None) -> tuple[str, str | None]:
+def _told(exc: BaseException | None) -> tuple[str, str | None]:
     """What the client was told, from the exception its transaction raised (``None``:
     none): ``(told, error class name)``."""
     if exc is None:
@@ -333,7 +333,7 @@ def _run_op(coord: Coordinator, state: CrashState, args: argparse.Namespace, op_
                 tx.produce(args.topic, key=op_id, value=body)
     except Exception as exc:
         error = exc
-    answer, name = told(error)
+    answer, name = _told(error)
     state.emit(event="op", op=op_id, told=answer, error=name, status=tx.status.value,
                gid=tx.gid)
 
@@ -350,7 +350,7 @@ async def _arun_op(coord: AsyncCoordinator, state: CrashState, args: argparse.Na
                 tx.produce(args.topic, key=op_id, value=body)
     except Exception as exc:
         error = exc
-    answer, name = told(error)
+    answer, name = _told(error)
     state.emit(event="op", op=op_id, told=answer, error=name, status=tx.status.value,
                gid=tx.gid)
 
