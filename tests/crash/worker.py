@@ -32,6 +32,12 @@ and produces ``--messages-per-op`` messages to ``--topic`` with key ``op_id`` an
 ``none``
     no crash.
 
+``--driver async`` runs the same operations with :class:`~coordinator.AsyncCoordinator`
+on an event loop, each operation an asyncio task (``--driver sync``, the default:
+:class:`~coordinator.Coordinator`). The crash points and pauses are the same hooks: the
+asyncio driver calls ``on_step`` and the producer's methods in its worker threads, so a
+SIGKILL or SIGSTOP sent there stops the whole process at the same protocol step.
+
 Pauses (``PAUSE_STEPS``, armed as ``pause:<step>`` by the fault campaign's workload,
 ``tests/faults/workload.py``) freeze the process instead of killing it: it records a ``pause``
 event, starts a detached waker (``sleep N; kill -CONT <pid>``, its own session, so it
@@ -52,10 +58,12 @@ The crash points are reached through the library's seams (no sleeps, no patching
 The worker writes one JSON line per event to ``--out`` (default stdout), each flushed
 and fsync-ed before the next step, so they survive the SIGKILL:
 
-* ``{"event": "start", "pid", "name", "instance", "transactional_ids", ...}``
-* ``{"event": "crash", "op", "point", "gid", "kafka_flushed", "flushed": true}`` right
-  before the kill (or the SIGSTOP); ``kafka_flushed`` says whether the op's messages had
-  been flushed to the brokers (they are, from ``after_prepare`` on);
+* ``{"event": "start", "pid", "name", "instance", "transactional_ids", "driver", ...}``
+* ``{"event": "crash", "op", "point", "gid", "kafka_flushed", "thread", "flushed": true}``
+  right before the kill (or the SIGSTOP); ``kafka_flushed`` says whether the op's messages
+  had been flushed to the brokers (they are, from ``after_prepare`` on); ``thread`` is the
+  name of the thread the hook ran in (``MainThread`` with the sync driver, one of the
+  coordinator's worker threads with the async one);
 * ``{"event": "op", "op", "told", "error", "status", "gid", "flushed": true}`` once the
   coordinator answered: ``told`` is ``committed``, ``rolled_back``, ``unknown``
   (:class:`~coordinator.OutcomeUnknown`), ``committed_pending_recovery`` or ``error``;
@@ -66,6 +74,7 @@ and fsync-ed before the next step, so they survive the SIGKILL:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -82,6 +91,7 @@ from confluent_kafka import Producer
 from psycopg import sql
 
 from coordinator import (
+    AsyncCoordinator,
     CommittedPendingRecovery,
     Coordinator,
     CoordinatorConfig,
@@ -97,7 +107,11 @@ PAUSE_STEPS = ("before_prepare", "after_prepare", "init_producer", "before_commi
                "after_commit", "before_pg_commit")
 """Where an armed ``pause:<step>`` freezes the process (SIGSTOP, woken by SIGCONT)."""
 
-__all__ = ["PAUSE_STEPS", "POINTS", "CrashState", "CrashingProducer", "crashing_producers", "main"]
+DRIVERS = ("sync", "async")
+"""``--driver``: :class:`~coordinator.Coordinator` or :class:`~coordinator.AsyncCoordinator`."""
+
+__all__ = ["DRIVERS", "PAUSE_STEPS", "POINTS", "CrashState", "CrashingProducer",
+           "crashing_producers", "main"]
 
 
 class CrashState:
@@ -128,7 +142,8 @@ class CrashState:
 
     def crash(self, point: str, kafka_flushed: bool) -> None:
         self.emit(event="crash", op=self.op, point=point, gid=self.gid,
-                  kafka_flushed=kafka_flushed, pid=os.getpid())
+                  kafka_flushed=kafka_flushed, pid=os.getpid(),
+                  thread=threading.current_thread().name)
         if point == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)  # returns after SIGCONT
             self.emit(event="continued", op=self.op, gid=self.gid)
@@ -197,7 +212,7 @@ class CrashState:
         ``kill_delay_us`` microseconds of busy waiting (0: at once)."""
         self.emit(event="crash", op=self.op, point=point, gid=self.gid,
                   kafka_flushed=kafka_flushed, pid=os.getpid(),
-                  kill_delay_us=self.kill_delay_us)
+                  kill_delay_us=self.kill_delay_us, thread=threading.current_thread().name)
         entered = threading.Event()
         delay = self.kill_delay_us / 1e6
 
@@ -277,30 +292,103 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--messages-per-op", type=int, default=2)
     p.add_argument("--transaction-timeout-ms", type=int, default=10_000)
     p.add_argument("--out", default="-", help="JSON lines file (default: stdout)")
+    p.add_argument("--driver", choices=DRIVERS, default="sync",
+                   help="sync: Coordinator (default); async: AsyncCoordinator, one asyncio "
+                   "task per operation")
     return p
+
+
+def _told(exc: BaseException | None) -> tuple[str, str | None]:
+    """What the client was told, from the exception its transaction raised (``None``:
+    none): ``(told, error class name)``."""
+    if exc is None:
+        return "committed", None
+    name = type(exc).__name__
+    if isinstance(exc, OutcomeUnknown):
+        return "unknown", name
+    if isinstance(exc, CommittedPendingRecovery):
+        return "committed_pending_recovery", name
+    if isinstance(exc, RolledBack):
+        return "rolled_back", name
+    return "error", name
+
+
+def _insert(args: argparse.Namespace) -> sql.Composed:
+    return sql.SQL("INSERT INTO {} (op_id) VALUES (%s)").format(sql.Identifier(args.table))
+
+
+def _bodies(args: argparse.Namespace, op_id: str) -> list[str]:
+    return [json.dumps({"op": op_id, "n": n}, sort_keys=True)
+            for n in range(args.messages_per_op)]
 
 
 def _run_op(coord: Coordinator, state: CrashState, args: argparse.Namespace, op_id: str) -> None:
     state.op, state.gid = op_id, None
     tx = coord.transaction()
-    told, error = "committed", None
+    error: Exception | None = None
     try:
         with tx:
-            tx.execute(sql.SQL("INSERT INTO {} (op_id) VALUES (%s)").format(
-                sql.Identifier(args.table)), (op_id,))
-            for n in range(args.messages_per_op):
-                tx.produce(args.topic, key=op_id,
-                           value=json.dumps({"op": op_id, "n": n}, sort_keys=True))
-    except OutcomeUnknown as exc:
-        told, error = "unknown", type(exc).__name__
-    except CommittedPendingRecovery as exc:
-        told, error = "committed_pending_recovery", type(exc).__name__
-    except RolledBack as exc:
-        told, error = "rolled_back", type(exc).__name__
+            tx.execute(_insert(args), (op_id,))
+            for body in _bodies(args, op_id):
+                tx.produce(args.topic, key=op_id, value=body)
     except Exception as exc:
-        told, error = "error", type(exc).__name__
-    state.emit(event="op", op=op_id, told=told, error=error, status=tx.status.value,
+        error = exc
+    answer, name = _told(error)
+    state.emit(event="op", op=op_id, told=answer, error=name, status=tx.status.value,
                gid=tx.gid)
+
+
+async def _arun_op(coord: AsyncCoordinator, state: CrashState, args: argparse.Namespace,
+                   op_id: str) -> None:
+    state.op, state.gid = op_id, None
+    tx = coord.transaction()
+    error: Exception | None = None
+    try:
+        async with tx:
+            await tx.execute(_insert(args), (op_id,))
+            for body in _bodies(args, op_id):
+                tx.produce(args.topic, key=op_id, value=body)
+    except Exception as exc:
+        error = exc
+    answer, name = _told(error)
+    state.emit(event="op", op=op_id, told=answer, error=name, status=tx.status.value,
+               gid=tx.gid)
+
+
+def _create_table(args: argparse.Namespace) -> sql.Composed:
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {} (op_id text PRIMARY KEY)").format(
+        sql.Identifier(args.table))
+
+
+def _started(state: CrashState, args: argparse.Namespace,
+             transactional_ids: Sequence[str]) -> None:
+    state.emit(event="start", pid=os.getpid(), name=args.name, instance=args.instance,
+               transactional_ids=list(transactional_ids), crash_at=args.crash_at,
+               crash_op=state.crash_op, driver=args.driver, started=time.time())
+
+
+def _run_sync(args: argparse.Namespace, state: CrashState, config: CoordinatorConfig) -> None:
+    coord = Coordinator(args.postgres, {"bootstrap.servers": args.bootstrap}, args.name,
+                        instance=args.instance, config=config)
+    with coord:
+        with coord.connection() as conn:
+            conn.execute(_create_table(args))
+        _started(state, args, coord.transactional_ids)
+        for k in range(args.ops):
+            _run_op(coord, state, args, f"{args.op_prefix}-{k}")
+
+
+async def _run_async(args: argparse.Namespace, state: CrashState,
+                     config: CoordinatorConfig) -> None:
+    coord = AsyncCoordinator(args.postgres, {"bootstrap.servers": args.bootstrap}, args.name,
+                             instance=args.instance, config=config)
+    async with coord:
+        async with coord.connection() as conn:
+            await conn.execute(_create_table(args))
+        _started(state, args, coord.transactional_ids)
+        for k in range(args.ops):
+            # One task per operation, as a server handles each request.
+            await asyncio.create_task(_arun_op(coord, state, args, f"{args.op_prefix}-{k}"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -323,18 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         producer_factory=crashing_producers(state),
         on_step=state.on_step,
     )
-    coord = Coordinator(args.postgres, {"bootstrap.servers": args.bootstrap}, args.name,
-                        instance=args.instance, config=config)
-    with coord:
-        assert coord._pool is not None
-        with coord._pool.connection() as conn:
-            conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (op_id text PRIMARY KEY)")
-                         .format(sql.Identifier(args.table)))
-        state.emit(event="start", pid=os.getpid(), name=args.name, instance=args.instance,
-                   transactional_ids=coord.transactional_ids, crash_at=args.crash_at,
-                   crash_op=state.crash_op, started=time.time())
-        for k in range(args.ops):
-            _run_op(coord, state, args, f"{args.op_prefix}-{k}")
+    if args.driver == "async":
+        asyncio.run(_run_async(args, state, config))
+    else:
+        _run_sync(args, state, config)
     state.emit(event="end")
     if out is not sys.stdout:
         out.close()

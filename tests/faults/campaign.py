@@ -9,6 +9,9 @@
    phase's fault is injected while they run; a process that dies is started again with the
    same instance id (as an orchestrator would), and carries on with its log. Coordinators
    reach PostgreSQL and Kafka through Toxiproxy; recovery and the checker connect directly.
+   ``--driver async``: the clients run their operations through an ``AsyncCoordinator``
+   (``--threads`` asyncio tasks per process; ``tests/faults/aworkload.py``), with the same
+   plan, hooks, log and checker.
 3. Meanwhile the recovery command runs every few seconds (``python -m recovery ... --json``,
    like a CronJob), and even-numbered workers call ``recovery.recover_own`` at start-up.
 4. After the last phase: every fault healed, recovery runs until it exits 0 with nothing
@@ -129,6 +132,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="client threads per process, sharing its coordinator (default 1; "
                    "4 with --group-commit)")
+    p.add_argument("--driver", choices=("sync", "async"), default="sync",
+                   help="the clients' coordinator: sync (Coordinator; --threads threads, "
+                   "the default) or async (AsyncCoordinator; --threads asyncio tasks on one "
+                   "event loop); the pipeline stages stay synchronous")
     p.add_argument("--messages-per-op", type=int, default=2)
     p.add_argument("--jitter-kafka-ms", type=float, default=12.0,
                    help="kill:during_commit kills up to this long after commit_transaction() "
@@ -305,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         storm_grace=args.storm_grace_seconds, oversize_rate=args.oversize_rate,
         skew_seconds=args.skew_seconds,
         second_stack_dir=str(Path(args.second_stack_dir).resolve()),
-        second_port_offset=args.second_port_offset, stages=args.stages,
+        second_port_offset=args.second_port_offset, stages=args.stages, driver=args.driver,
     )
     s.command = "scripts/faults " + " ".join(shlex.quote(a) for a in (
         argv if argv is not None else sys.argv[1:]))

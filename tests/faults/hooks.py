@@ -1,32 +1,68 @@
-"""The workload's hooks, on top of ``tests/crash/worker.py``'s: crash state per thread
-(several client threads share one coordinator) and producers that count the decision
-records of each Kafka transaction."""
+"""The workload's hooks, on top of ``tests/crash/worker.py``'s: crash state per thread or
+per asyncio task (several client threads or tasks share one coordinator) and producers
+that count the decision records of each Kafka transaction."""
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from tests.crash import worker as crash_worker
 
-__all__ = ["CountingProducer", "ThreadState"]
+__all__ = ["ContextLocal", "CountingProducer", "ThreadState"]
+
+
+class ContextLocal:
+    """``threading.local`` for asyncio tasks: attributes per task, seen (and changed) by
+    the worker threads the task's blocking calls run in -- the AsyncCoordinator runs them
+    with a copy of the calling task's context, which refers to the same attribute dict.
+    Each task calls :meth:`bind` before it sets anything; an attribute never set reads
+    as missing (``AttributeError``)."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_var", contextvars.ContextVar(f"local-{id(self)}"))
+
+    def bind(self) -> None:
+        """Give the calling task (and what it starts from now on) its own attributes."""
+        self._var.set({})
+
+    def __getattr__(self, name: str) -> Any:
+        values: dict[str, Any] | None = self._var.get(None)
+        if values is None or name not in values:
+            raise AttributeError(name)
+        return values[name]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        values: dict[str, Any] | None = self._var.get(None)
+        if values is None:
+            values = {}
+            self._var.set(values)
+        values[name] = value
 
 
 class ThreadState(crash_worker.CrashState):
-    """``tests.crash.worker.CrashState`` with the per-operation fields kept per thread, so
-    that several threads can share one coordinator (``--threads``, for group commit): each
-    thread's hooks see its own operation. Under group commit the Kafka commit runs in the
-    thread that leads the batch, so a Kafka crash point fires only when the armed
-    operation's thread leads; the PostgreSQL points always fire."""
+    """``tests.crash.worker.CrashState`` with the per-operation fields kept per thread
+    (``threading.local``, the default) or per asyncio task (a :class:`ContextLocal` as
+    ``local``), so that several threads or tasks can share one coordinator (``--threads``,
+    for group commit): each one's hooks see its own operation. Under group commit the
+    Kafka commit runs in the thread that leads the batch, so a Kafka crash point fires
+    only when the armed operation's thread (or task) leads; the PostgreSQL points always
+    fire."""
 
     _FIELDS: ClassVar[dict[str, Any]] = {
         "op": None, "gid": None, "point": "none", "crash_op": "", "kill_delay_us": 0,
         "pause_seconds": 0.0}
 
-    def __init__(self, out: Any, point: str, crash_op: str) -> None:
-        object.__setattr__(self, "_local", threading.local())
+    def __init__(self, out: Any, point: str, crash_op: str, local: Any = None) -> None:
+        object.__setattr__(self, "_local", local if local is not None else threading.local())
         super().__init__(out, point, crash_op)
+
+    def bind(self) -> None:
+        """Per task: give the calling asyncio task its own fields (a no-op per thread)."""
+        if isinstance(self._local, ContextLocal):
+            self._local.bind()
 
     def __getattr__(self, name: str) -> Any:
         if name in ThreadState._FIELDS:

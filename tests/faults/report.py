@@ -154,7 +154,7 @@ def write_summary(s: Settings, out: Path, result: Result, *, plan: dict[str, Any
     summary = [
         f"seed={s.seed}",
         f"command: {s.command}",
-        f"brokers={s.brokers} workers={s.workers} threads={s.threads} "
+        f"brokers={s.brokers} workers={s.workers} driver={s.driver} threads={s.threads} "
         f"commit={'group' if s.group_commit else 'per-operation'} grace={s.grace_seconds:g}s "
         f"stack up {started_stack:.0f} s, campaign {elapsed:.0f} s",
         "",

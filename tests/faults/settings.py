@@ -99,6 +99,9 @@ class Settings:
     second_stack_dir: str = ""
     second_port_offset: int = 2000
     stages: int = 3
+    driver: str = "sync"
+    """The clients' coordinator: ``sync`` (Coordinator, threads) or ``async``
+    (AsyncCoordinator, asyncio tasks)."""
 
 
 def parse_faults(text: str) -> list[str]:

@@ -168,7 +168,7 @@ class Campaign:
                "--topic", self.topic, "--table", self.table, "--decision-topic",
                self.decision_topic, "--messages-per-op", str(self.s.messages_per_op),
                "--pace", str(self._pace), "--threads", str(self.s.threads),
-               "--oversize-bytes", str(2 * OVERSIZE_LIMIT)]
+               "--oversize-bytes", str(2 * OVERSIZE_LIMIT), "--driver", self.s.driver]
         if self.s.group_commit:
             # One producer: every transaction of the process in flight together shares
             # its Kafka transaction.
@@ -212,8 +212,10 @@ class Campaign:
             what = f"{len(ops)} input messages, {len(slots)} stages"
         else:
             slots = self._workload_slots(ops, pdir)
+            unit = "tasks" if s.driver == "async" else "threads"
             what = (f"{len(ops)} ops, {s.workers} workers"
-                    + (f" x {s.threads} threads" if s.threads > 1 else "")
+                    + (f" ({s.driver})" if s.driver != "sync" else "")
+                    + (f" x {s.threads} {unit}" if s.threads > 1 else "")
                     + (f", pace {self._pace:.2f} s/op/worker" if self._pace else ""))
         with self._lock:
             self.slots = slots

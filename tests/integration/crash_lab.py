@@ -63,8 +63,10 @@ class Crashes:
     # -- workers ------------------------------------------------------------------
 
     def start_worker(self, *, prefix: str, crash_at: str = "none", ops: int = 3,
-                     instance: str | None = None, extra: Sequence[str] = ()
-                     ) -> tuple[subprocess.Popen[bytes], Path]:
+                     instance: str | None = None, extra: Sequence[str] = (),
+                     driver: str = "sync") -> tuple[subprocess.Popen[bytes], Path]:
+        """Start a worker; ``driver``: ``sync`` (Coordinator) or ``async``
+        (AsyncCoordinator, ``tests.crash.worker --driver async``)."""
         out = self.tmp / f"{prefix}.jsonl"
         args = [
             sys.executable, "-m", "tests.crash.worker",
@@ -74,7 +76,7 @@ class Crashes:
             "--op-prefix", prefix, "--crash-at", crash_at,
             "--decision-topic", self.env.decision_topic.name,
             "--decision-partitions", str(self.env.decision_topic.partitions),
-            "--out", str(out), *extra,
+            "--out", str(out), "--driver", driver, *extra,
         ]
         with open(self.tmp / f"{prefix}.stderr", "wb") as err:
             proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
@@ -98,15 +100,18 @@ class Crashes:
         return log
 
     def crash(self, *, prefix: str, crash_at: str, ops: int = 3,
-              instance: str | None = None, extra: Sequence[str] = ()) -> WorkerLog:
+              instance: str | None = None, extra: Sequence[str] = (),
+              driver: str = "sync") -> WorkerLog:
         """Run a worker that SIGKILLs itself at ``crash_at`` in its last op."""
         proc, out = self.start_worker(prefix=prefix, crash_at=crash_at, ops=ops,
-                                      instance=instance, extra=extra)
+                                      instance=instance, extra=extra, driver=driver)
         log = self.wait_worker(proc, out, killed=crash_at != "none")
         if crash_at != "none":
             crash = log.crash
             assert crash is not None and crash["point"] == crash_at
             assert crash["op"] == f"{prefix}-{ops - 1}"
+            start = next(ln for ln in log.lines if ln.get("event") == "start")
+            assert start["driver"] == driver, start
             # Every op before the crash committed normally.
             for k in range(ops - 1):
                 assert log.ops[f"{prefix}-{k}"]["told"] == "committed", log.lines

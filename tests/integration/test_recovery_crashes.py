@@ -6,6 +6,11 @@ After recovery, for every operation: its PostgreSQL row is committed <=> its mes
 are visible to a read_committed consumer <=> its decision record is visible; no message
 twice; no prepared transaction of ours left (``tests/crash/checker.py``).
 
+The kill at each protocol point and the zombie run with both drivers of the worker:
+``sync`` (:class:`~coordinator.Coordinator`) and ``async``
+(:class:`~coordinator.AsyncCoordinator`, whose hooks run in its worker threads while the
+event loop awaits them); the two recovery processes get one crashed worker of each.
+
 Also: foreign prepared transactions stay untouched, two recoveries at the same moment
 act once per gid, and a zombie coordinator (SIGSTOP before its Kafka commit) cannot
 commit after recovery fenced it. The recovery command's own behaviour (grace period,
@@ -32,7 +37,8 @@ from psycopg.conninfo import make_conninfo
 
 from coordinator.gid import Gid, parse
 from tests.crash import indoubt
-from tests.crash.checker import merge_logs, prepared_gids, read_log
+from tests.crash.checker import WorkerLog, merge_logs, prepared_gids, read_log
+from tests.crash.worker import DRIVERS
 from tests.integration.crash_lab import Crashes, crash_gid, crash_lab, op_ids
 from tests.plugins.kafka_helpers import read_committed, read_uncommitted
 from tests.plugins.services import drop_database
@@ -47,6 +53,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 def lab(env: Env, tmp_path: Path) -> Iterator[Crashes]:
     with crash_lab(env, tmp_path) as c:
         yield c
+
+
+def assert_crashed_in_driver(log: WorkerLog, driver: str) -> None:
+    """The crash hook ran where the driver runs the protocol: the calling thread (sync),
+    or one of the AsyncCoordinator's worker threads while the event loop awaited it."""
+    crash = log.crash
+    assert crash is not None
+    if driver == "sync":
+        assert crash["thread"] == "MainThread", crash
+    else:
+        assert crash["thread"].startswith("pk2pc-"), crash
 
 
 # -- (a), (b), (c): kill -9 at each protocol point, then the recovery command ------------
@@ -66,9 +83,12 @@ def lab(env: Env, tmp_path: Path) -> Iterator[Crashes]:
         pytest.param("during_pg_commit", "committed", 0, id="during-commit-prepared"),
     ],
 )
+@pytest.mark.parametrize("driver", DRIVERS)
 def test_kill_then_recovery_command(lab: Crashes, point: str, expected: str | None,
-                                    delay_us: int) -> None:
-    log = lab.crash(prefix="op", crash_at=point, extra=["--kill-delay-us", str(delay_us)])
+                                    delay_us: int, driver: str) -> None:
+    log = lab.crash(prefix="op", crash_at=point, extra=["--kill-delay-us", str(delay_us)],
+                    driver=driver)
+    assert_crashed_in_driver(log, driver)
     crash = log.crash
     assert crash is not None
     gid = crash["gid"]
@@ -155,10 +175,15 @@ def test_foreign_prepared_transactions_stay_untouched(lab: Crashes) -> None:
 
 def test_two_recovery_processes_at_once(lab: Crashes) -> None:
     env = lab.env
-    # Real crashes of two instances at once (one with, one without a decision)...
-    pa, oa = lab.start_worker(prefix="ka", crash_at="after_prepare", instance="ka")
-    pb, ob = lab.start_worker(prefix="kb", crash_at="after_commit", instance="kb")
+    # Real crashes of two instances at once (one with, one without a decision; one of
+    # each driver)...
+    pa, oa = lab.start_worker(prefix="ka", crash_at="after_prepare", instance="ka",
+                              driver="async")
+    pb, ob = lab.start_worker(prefix="kb", crash_at="after_commit", instance="kb",
+                              driver="sync")
     logs = [lab.wait_worker(pa, oa, killed=True), lab.wait_worker(pb, ob, killed=True)]
+    assert_crashed_in_driver(logs[0], "async")
+    assert_crashed_in_driver(logs[1], "sync")
     # ... plus 20 simulated ones of a third instance.
     coord = env.coordinator(instance="kc", producers=2, on_step=indoubt.on_step)
     insert = sql.SQL("INSERT INTO {} (op_id) VALUES (%s)").format(sql.Identifier(lab.table))
@@ -200,10 +225,12 @@ def _wait_stopped(proc: subprocess.Popen[bytes], out: Path, timeout: float = 60.
         time.sleep(0.05)
 
 
-def test_zombie_coordinator_cannot_commit_after_recovery(lab: Crashes) -> None:
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_zombie_coordinator_cannot_commit_after_recovery(lab: Crashes, driver: str) -> None:
     proc, out = lab.start_worker(prefix="z", ops=2, crash_at="none",
-                                 extra=["--sigstop-before-commit"])
+                                 extra=["--sigstop-before-commit"], driver=driver)
     _wait_stopped(proc, out)
+    assert_crashed_in_driver(read_log(out), driver)
     crash = read_log(out).crash
     assert crash is not None and crash["point"] == "stop" and crash["op"] == "z-1"
     gid = crash["gid"]
