@@ -83,6 +83,8 @@ class TransactionCore:
         self._conn: Any = None
         """The driver's psycopg connection (sync or async) while the transaction holds one."""
         self._conn_autocommit = False
+        self._conn_pool: Any = None
+        """The pool ``_conn`` came from (it goes back there)."""
         self._session: Any = None
         """The ORM session of ``tx.session`` (an engine's coordinator), once asked for."""
         self._messages: list[StagedMessage] = []
@@ -194,6 +196,11 @@ class TransactionCore:
                     continue
                 self._protocol.fire(Event.BEGIN_FAILED)
                 raise unavailable(exc) from exc
+            except BaseException:
+                # Cancelled (or interrupted) at BEGIN: the connection goes back all the same.
+                yield from self._release()
+                self._protocol.fire(Event.BEGIN_FAILED)
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- leaving the block -------------------------------------------------
@@ -211,6 +218,12 @@ class TransactionCore:
         try:
             yield from self._commit()
         except BaseException as error:
+            if self._protocol.status is Status.ACTIVE:
+                # Failed before PREPARE took effect, in no way of the protocol's own (the
+                # coordinator closed meanwhile, an interrupt): nothing can commit, roll back.
+                yield from self._abandon(Event.BLOCK_FAILED)
+                if self._gid is not None:
+                    yield from self._rollback_prepared()  # no decision can exist for it
             if self._protocol.status is Status.ROLLED_BACK:
                 yield from self._rewind()  # the batch is delivered again
             self._ended(error)
@@ -233,14 +246,16 @@ class TransactionCore:
     def _abandon(self, event: Event) -> Flow[None]:
         """Roll PostgreSQL back (if still open), record ``event``, release the connection."""
         conn = self._conn
-        if conn is not None and not conn.closed:
-            try:
-                if conn.info.transaction_status != TransactionStatus.IDLE:
-                    yield Execute("ROLLBACK")
-            except psycopg.Error:
-                pass  # a broken connection rolls back on its own
-        self._protocol.fire(event)
-        yield from self._release()
+        try:
+            if (conn is not None and not conn.closed
+                    and conn.info.transaction_status != TransactionStatus.IDLE):
+                yield Execute("ROLLBACK")
+        except psycopg.Error:
+            pass  # a broken connection rolls back on its own
+        finally:
+            # Even when cancelled during the ROLLBACK: the pool rolls back what is left.
+            self._protocol.fire(event)
+            yield from self._release()
 
     def _release(self) -> Flow[None]:
         if self._conn is not None:
