@@ -273,6 +273,12 @@ class TransactionCore:
         conn = self._conn
         assert conn is not None
         state = conn.info.transaction_status
+        if not conn.autocommit:  # see _sqlalchemy._on_rollback
+            yield from self._abandon(Event.BLOCK_FAILED)
+            raise UsageError("the block ended the PostgreSQL transaction through its ORM "
+                             "session (session.rollback(), or a flush that failed); "
+                             "everything is rolled back, nothing published",
+                             phase=Phase.EXECUTE)
         if state != TransactionStatus.INTRANS:
             yield from self._abandon(Event.BLOCK_FAILED)
             if state == TransactionStatus.INERROR:
