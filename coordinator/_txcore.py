@@ -88,6 +88,10 @@ class TransactionCore:
         self._session: Any = None
         """The ORM session of ``tx.session`` (an engine's coordinator), once asked for."""
         self._messages: list[StagedMessage] = []
+        self._block_ended = False
+        """The block is over: nothing more may run in or be added to the transaction
+        (its status stays ACTIVE until PREPARE, and then the connection is idle in
+        autocommit mode: a statement would be committed on its own)."""
         self._xid: int | None = None
         self._obs = TxObservers(())
 
@@ -109,7 +113,7 @@ class TransactionCore:
                          instance=self._coord.instance)
 
     def _active_connection(self) -> Any:
-        if self._conn is None or self.status is not Status.ACTIVE:
+        if self._conn is None or self.status is not Status.ACTIVE or self._block_ended:
             raise UsageError("the transaction's connection is only available inside the block")
         return self._conn
 
@@ -122,7 +126,7 @@ class TransactionCore:
         partition: int | None = None,
     ) -> None:
         """Stage a message; it is produced in the Kafka transaction at commit."""
-        if self.status is not Status.ACTIVE:
+        if self.status is not Status.ACTIVE or self._block_ended:
             raise UsageError("produce() is only allowed inside the transaction's block")
         if not topic:
             raise UsageError("produce() needs a topic")
@@ -206,6 +210,10 @@ class TransactionCore:
     # -- leaving the block -------------------------------------------------
 
     def _exit_flow(self, exc: BaseException | None) -> Flow[None]:
+        self._block_ended = True  # now, not when a driver first runs the flow
+        return self._exit_steps(exc)
+
+    def _exit_steps(self, exc: BaseException | None) -> Flow[None]:
         if self.status is not Status.ACTIVE:  # entering failed
             return
         if exc is not None:

@@ -94,13 +94,19 @@ def idle_in_transaction(env: Env) -> int:
 
 
 class Gate:
-    """Holds the driver's next ``statement`` back until :meth:`open`."""
+    """Holds the driver's next ``statement`` back until ``released`` is set (with
+    ``after``: once PostgreSQL has answered it)."""
 
-    def __init__(self, statement: str) -> None:
+    def __init__(self, statement: str, after: bool = False) -> None:
         self.statement = statement
+        self.after = after
         self.armed = False
         self.reached = asyncio.Event()
         self.released = asyncio.Event()
+
+    def matches(self, query: Any) -> bool:
+        text = query if isinstance(query, str) else query.as_string(None)
+        return self.armed and text.startswith(self.statement)
 
     def cursor_class(self) -> type[psycopg.AsyncCursor[Any]]:
         gate = self
@@ -108,10 +114,14 @@ class Gate:
         class GatedCursor(psycopg.AsyncCursor[Any]):
             async def execute(self, query: Any, params: Any = None,
                               **kwargs: Any) -> GatedCursor:
-                if gate.armed and query == gate.statement:
+                if gate.matches(query):
                     gate.armed = False
+                    if gate.after:
+                        await super().execute(query, params, **kwargs)
                     gate.reached.set()
                     await gate.released.wait()
+                    if gate.after:
+                        return self
                 await super().execute(query, params, **kwargs)
                 return self
 
@@ -350,3 +360,46 @@ def test_a_cancelled_retry_loop_stops(env: Env) -> None:
         return attempts
 
     assert asyncio.run(main()) == 1
+
+
+# -- asyncio: a task that uses the transaction after its block ended ---------------
+
+
+@pytest.mark.sync_only
+def test_the_transaction_refuses_statements_once_its_block_ended(env: Env) -> None:
+    """A task started inside the block runs a statement on the transaction after the
+    block ended, while the commit procedure runs (here: right after PREPARE). The
+    connection is then idle in autocommit mode: the statement was committed on its
+    own, and stayed when the transaction rolled back (its message is too large)."""
+    make_orders(env)
+    topic = env.topic()
+    gate = Gate("SELECT pg_current_xact_id()", after=True)  # the PREPARE round trip
+
+    late_result: list[BaseException | None] = []
+
+    async def main() -> None:
+        async with gated_pool(env, gate) as pool, acoordinator(env, pool) as coord:
+
+            async def late(tx: Any) -> None:
+                await gate.reached.wait()
+                try:
+                    await tx.execute("INSERT INTO orders (id, total) VALUES (2, 2)")
+                except UsageError as exc:
+                    late_result.append(exc)
+                else:
+                    late_result.append(None)
+                gate.released.set()
+
+            tx = coord.transaction()
+            with pytest.raises(RolledBack):
+                async with tx:
+                    await tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+                    tx.produce(topic, value=b"x" * 2_000_000)  # refused by Kafka
+                    gate.armed = True
+                    sibling = asyncio.create_task(late(tx))
+            await sibling
+
+    asyncio.run(main())
+    assert env.ids() == [] and env.prepared() == []
+    assert env.read(topic) == []
+    assert isinstance(late_result[0], UsageError)
