@@ -261,19 +261,24 @@ class AsyncCoordinator(CoordinatorBase):
             raise
         return conn, was
 
-    async def _give_back(self, conn: AsyncConnection, autocommit: bool) -> None:
+    async def _give_back(self, conn: AsyncConnection, autocommit: bool,
+                         pool: Any = None) -> None:
+        """Give ``conn`` back to ``pool`` (the one it came from; default: the
+        coordinator's current pool)."""
         with contextlib.suppress(psycopg.Error):
             if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
                 await conn.set_autocommit(autocommit)
-        if self._pool is not None:
-            await self._pool.putconn(conn)
+        pool = pool if pool is not None else self._pool
+        if pool is not None:
+            await pool.putconn(conn)
 
     @contextlib.asynccontextmanager
     async def _borrow(self) -> AsyncIterator[AsyncConnection]:
+        pool, _ = self._ready()
         conn, was = await self._acquire()
         try:
             yield conn
         finally:
-            await self._give_back(conn, was)
+            await self._give_back(conn, was, pool)
 
 

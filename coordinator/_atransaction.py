@@ -89,10 +89,9 @@ class AsyncTransaction(TransactionCore):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is not None:
-            await self._drive(self._exit_flow(exc))
-            return
-        procedure = asyncio.ensure_future(self._drive(self._exit_flow(None)))
+        # The rollback of a failed block is shielded too: cancelled half-way, it
+        # would leave the connection out of its pool.
+        procedure = asyncio.ensure_future(self._drive(self._exit_flow(exc)))
         cancelled: asyncio.CancelledError | None = None
         while not procedure.done():
             try:
@@ -133,6 +132,7 @@ class AsyncTransaction(TransactionCore):
                 assert hook is not None
                 await coord._in_thread(lambda: hook(step, gid))
             case Acquire():
+                self._conn_pool, _ = coord._ready()  # the pool _acquire takes it from
                 conn, self._conn_autocommit = await coord._acquire()
                 return conn
             case FlushSession():
@@ -141,8 +141,8 @@ class AsyncTransaction(TransactionCore):
                 if self._session is not None:
                     session, self._session = self._session, None
                     await session.close()  # leaves the transaction alone (rollback_only)
-                if self._conn is not None:
-                    await coord._give_back(self._conn, self._conn_autocommit)
+                if self._conn is not None:  # to its own pool, even if the coordinator closed
+                    await coord._give_back(self._conn, self._conn_autocommit, self._conn_pool)
             case _:  # pragma: no cover
                 raise AssertionError(effect)
         return None

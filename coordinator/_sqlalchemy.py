@@ -78,6 +78,40 @@ def _broken(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> boo
     return bool(conn.closed or conn.broken)
 
 
+def _on_rollback(sa_conn: SAConnection) -> None:
+    """SQLAlchemy is about to roll back the transaction of a pooled connection (a
+    session's ``rollback()``, or a flush that failed, in ``rollback_only`` mode).
+
+    The coordinator runs the connection in autocommit mode with its own ``BEGIN``,
+    so whatever ran after this ROLLBACK would be committed statement by statement,
+    outside the coordinated transaction. Roll back now and leave autocommit off:
+    later statements stay in a transaction that nobody commits, and the
+    coordinator, seeing autocommit off, rolls it back and reports that the block
+    ended its transaction.
+    """
+    dbapi: Any = sa_conn.connection.dbapi_connection
+    if dbapi is None or dbapi.closed or not dbapi.autocommit:
+        return
+    try:
+        dbapi.rollback()  # SQLAlchemy's own ROLLBACK then finds nothing to do
+        dbapi.autocommit = False
+    except Exception:  # a broken connection runs nothing more; SQLAlchemy reports it
+        pass
+
+
+def _watch(sa_conn: SAConnection) -> None:
+    from sqlalchemy import event
+
+    event.listen(sa_conn, "rollback", _on_rollback)
+
+
+def _unwatch(sa_conn: SAConnection) -> None:
+    from sqlalchemy import event
+
+    if event.contains(sa_conn, "rollback", _on_rollback):
+        event.remove(sa_conn, "rollback", _on_rollback)
+
+
 def engine_pool(postgres: object) -> EnginePool | None:
     """An :class:`EnginePool` when ``postgres`` is an SQLAlchemy ``Engine``."""
     if not _is_engine(postgres, async_=False):
@@ -129,6 +163,7 @@ class EnginePool:
         try:
             sa_conn.begin()  # emits nothing; the session joins it
             conn: psycopg.Connection[Any] = sa_conn.connection.driver_connection  # type: ignore[assignment]
+            _watch(sa_conn)
         except BaseException:
             sa_conn.close()
             raise
@@ -137,6 +172,7 @@ class EnginePool:
 
     def putconn(self, conn: psycopg.Connection[Any]) -> None:
         sa_conn = self._out.pop(id(conn))
+        _unwatch(sa_conn)
         if _broken(conn):
             sa_conn.invalidate()
         try:
@@ -189,6 +225,7 @@ class AsyncEnginePool:
             await sa_conn.begin()
             raw = await sa_conn.get_raw_connection()
             conn: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+            _watch(sa_conn.sync_connection)  # type: ignore[arg-type]
         except BaseException:
             await sa_conn.close()
             raise
@@ -197,6 +234,8 @@ class AsyncEnginePool:
 
     async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
         sa_conn = self._out.pop(id(conn))
+        if sa_conn.sync_connection is not None:
+            _unwatch(sa_conn.sync_connection)
         if _broken(conn):
             await sa_conn.invalidate()
         try:

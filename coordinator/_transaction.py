@@ -113,6 +113,7 @@ class Transaction(TransactionCore):
                 hook(step, gid)
             case Acquire():
                 pool, _ = self._coord._ready()
+                self._conn_pool = pool  # given back there, even if the coordinator closed
                 return _take(pool, self._coord.config.connection_timeout,
                              self._remember_autocommit)
             case FlushSession():
@@ -121,9 +122,8 @@ class Transaction(TransactionCore):
                 if self._session is not None:
                     session, self._session = self._session, None
                     session.close()  # leaves the transaction alone (rollback_only)
-                owner = self._coord._pool
-                if owner is not None and self._conn is not None:
-                    _give_back(owner, self._conn, self._conn_autocommit)
+                if self._conn is not None:
+                    _give_back(self._conn_pool, self._conn, self._conn_autocommit)
             case _:  # pragma: no cover
                 raise AssertionError(effect)
         return None

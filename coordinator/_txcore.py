@@ -83,9 +83,15 @@ class TransactionCore:
         self._conn: Any = None
         """The driver's psycopg connection (sync or async) while the transaction holds one."""
         self._conn_autocommit = False
+        self._conn_pool: Any = None
+        """The pool ``_conn`` came from (it goes back there)."""
         self._session: Any = None
         """The ORM session of ``tx.session`` (an engine's coordinator), once asked for."""
         self._messages: list[StagedMessage] = []
+        self._block_ended = False
+        """The block is over: nothing more may run in or be added to the transaction
+        (its status stays ACTIVE until PREPARE, and then the connection is idle in
+        autocommit mode: a statement would be committed on its own)."""
         self._xid: int | None = None
         self._obs = TxObservers(())
 
@@ -107,7 +113,7 @@ class TransactionCore:
                          instance=self._coord.instance)
 
     def _active_connection(self) -> Any:
-        if self._conn is None or self.status is not Status.ACTIVE:
+        if self._conn is None or self.status is not Status.ACTIVE or self._block_ended:
             raise UsageError("the transaction's connection is only available inside the block")
         return self._conn
 
@@ -120,7 +126,7 @@ class TransactionCore:
         partition: int | None = None,
     ) -> None:
         """Stage a message; it is produced in the Kafka transaction at commit."""
-        if self.status is not Status.ACTIVE:
+        if self.status is not Status.ACTIVE or self._block_ended:
             raise UsageError("produce() is only allowed inside the transaction's block")
         if not topic:
             raise UsageError("produce() needs a topic")
@@ -196,11 +202,20 @@ class TransactionCore:
                     continue
                 self._protocol.fire(Event.BEGIN_FAILED)
                 raise unavailable(exc) from exc
+            except BaseException:
+                # Cancelled (or interrupted) at BEGIN: the connection goes back all the same.
+                yield from self._release()
+                self._protocol.fire(Event.BEGIN_FAILED)
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- leaving the block -------------------------------------------------
 
     def _exit_flow(self, exc: BaseException | None) -> Flow[None]:
+        self._block_ended = True  # now, not when a driver first runs the flow
+        return self._exit_steps(exc)
+
+    def _exit_steps(self, exc: BaseException | None) -> Flow[None]:
         if self.status is not Status.ACTIVE:  # entering failed
             return
         if exc is not None:
@@ -213,6 +228,12 @@ class TransactionCore:
         try:
             yield from self._commit()
         except BaseException as error:
+            if self._protocol.status is Status.ACTIVE:
+                # Failed before PREPARE took effect, in no way of the protocol's own (the
+                # coordinator closed meanwhile, an interrupt): nothing can commit, roll back.
+                yield from self._abandon(Event.BLOCK_FAILED)
+                if self._gid is not None:
+                    yield from self._rollback_prepared()  # no decision can exist for it
             if self._protocol.status is Status.ROLLED_BACK:
                 yield from self._rewind()  # the batch is delivered again
             self._ended(error)
@@ -236,14 +257,16 @@ class TransactionCore:
     def _abandon(self, event: Event) -> Flow[None]:
         """Roll PostgreSQL back (if still open), record ``event``, release the connection."""
         conn = self._conn
-        if conn is not None and not conn.closed:
-            try:
-                if conn.info.transaction_status != TransactionStatus.IDLE:
-                    yield Execute("ROLLBACK")
-            except psycopg.Error:
-                pass  # a broken connection rolls back on its own
-        self._protocol.fire(event)
-        yield from self._release()
+        try:
+            if (conn is not None and not conn.closed
+                    and conn.info.transaction_status != TransactionStatus.IDLE):
+                yield Execute("ROLLBACK")
+        except psycopg.Error:
+            pass  # a broken connection rolls back on its own
+        finally:
+            # Even when cancelled during the ROLLBACK: the pool rolls back what is left.
+            self._protocol.fire(event)
+            yield from self._release()
 
     def _release(self) -> Flow[None]:
         if self._conn is not None:
@@ -261,6 +284,12 @@ class TransactionCore:
         conn = self._conn
         assert conn is not None
         state = conn.info.transaction_status
+        if not conn.autocommit:  # see _sqlalchemy._on_rollback
+            yield from self._abandon(Event.BLOCK_FAILED)
+            raise UsageError("the block ended the PostgreSQL transaction through its ORM "
+                             "session (session.rollback(), or a flush that failed); "
+                             "everything is rolled back, nothing published",
+                             phase=Phase.EXECUTE)
         if state != TransactionStatus.INTRANS:
             yield from self._abandon(Event.BLOCK_FAILED)
             if state == TransactionStatus.INERROR:

@@ -1,0 +1,405 @@
+"""Adversarial review of the asyncio driver, cancellation and SQLAlchemy sessions:
+each test is an interleaving or an input that once broke atomicity, reported a
+wrong outcome or leaked a pooled connection, against the real PostgreSQL and
+Kafka.
+
+Cancellation is made to land at one await with a psycopg cursor class set on the
+pool's connections (``cursor_factory``, a psycopg seam): it holds one statement of the
+driver back until the test lets it go, so the task is cancelled while that
+statement is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from sqlalchemy import String, create_engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from coordinator import (
+    AsyncCoordinator,
+    Coordinator,
+    Error,
+    RolledBack,
+    Status,
+    Step,
+    UsageError,
+)
+from tests.integration.conftest import Env
+
+BOTH_DRIVERS = True
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Customer(Base):
+    __tablename__ = "customers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(100), unique=True)
+
+
+def url(env: Env) -> sa.URL:
+    params = psycopg.conninfo.conninfo_to_dict(env.dsn)
+    return sa.URL.create(
+        "postgresql+psycopg", username=str(params.get("user") or "") or None,
+        password=str(params["password"]) if params.get("password") else None,
+        host=str(params.get("host") or "") or None,
+        port=int(str(params["port"])) if params.get("port") else None,
+        database=str(params["dbname"]))
+
+
+@pytest.fixture
+def engine(env: Env) -> Iterator[Any]:
+    """The driver's kind of engine on the test's database, with the table made."""
+    ddl = create_engine(url(env))
+    Base.metadata.create_all(ddl)
+    ddl.dispose()
+    if env.driver == "sync":
+        made: Any = create_engine(url(env), pool_size=4)
+        yield made
+        env.close_coordinators()
+        made.dispose()
+        return
+    made = create_async_engine(url(env), pool_size=4)
+    yield made
+    env.close_coordinators()
+    env.run(made.dispose())
+
+
+def make_orders(env: Env) -> None:
+    env.execute("CREATE TABLE orders (id int PRIMARY KEY, total int NOT NULL)")
+
+
+def idle_in_transaction(env: Env) -> int:
+    """Sessions of the test's database left idle inside a transaction."""
+    rows = env.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND "
+                       "state LIKE 'idle in transaction%%'", (env.dbname,))
+    return int(rows[0][0])
+
+
+class Gate:
+    """Holds the driver's next ``statement`` back until ``released`` is set (with
+    ``after``: once PostgreSQL has answered it)."""
+
+    def __init__(self, statement: str, after: bool = False) -> None:
+        self.statement = statement
+        self.after = after
+        self.armed = False
+        self.reached = asyncio.Event()
+        self.released = asyncio.Event()
+
+    def matches(self, query: Any) -> bool:
+        text = query if isinstance(query, str) else query.as_string(None)
+        return self.armed and text.startswith(self.statement)
+
+    def cursor_class(self) -> type[psycopg.AsyncCursor[Any]]:
+        gate = self
+
+        class GatedCursor(psycopg.AsyncCursor[Any]):
+            async def execute(self, query: Any, params: Any = None,
+                              **kwargs: Any) -> GatedCursor:
+                if gate.matches(query):
+                    gate.armed = False
+                    if gate.after:
+                        await super().execute(query, params, **kwargs)
+                    gate.reached.set()
+                    await gate.released.wait()
+                    if gate.after:
+                        return self
+                await super().execute(query, params, **kwargs)
+                return self
+
+        return GatedCursor
+
+
+def gated_pool(env: Env, gate: Gate, size: int = 1) -> AsyncConnectionPool[Any]:
+    cursor_class = gate.cursor_class()
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        conn.cursor_factory = cursor_class
+
+    return AsyncConnectionPool(env.dsn, min_size=size, max_size=size, open=False,
+                               configure=configure)
+
+
+def acoordinator(env: Env, postgres: Any, **overrides: Any) -> AsyncCoordinator:
+    overrides.setdefault("connection_timeout", 5.0)
+    return AsyncCoordinator(postgres, env.kafka, env.name, instance=env.instance,
+                            config=env.config(**overrides))
+
+
+async def commit_one(coord: AsyncCoordinator, topic: str, i: int) -> Status:
+    async with coord.transaction() as tx:
+        await tx.execute("INSERT INTO orders (id, total) VALUES (%s, %s)", (i, i))
+        tx.produce(topic, value=str(i).encode())
+    return tx.status
+
+
+# -- SQLAlchemy: a flush that fails inside the block ------------------------------
+
+
+def test_sql_after_a_caught_flush_error_is_not_committed_alone(env: Env,
+                                                               engine: Any) -> None:
+    """The ORM's usual pattern -- catch the IntegrityError of a flush and go on --
+    must not commit anything outside the coordinated transaction. SQLAlchemy rolls
+    the joined transaction back when a flush fails; the statements after it must
+    not run in autocommit mode (they were committed on the spot, without their
+    messages)."""
+    env.execute("INSERT INTO customers (id, email) VALUES (1, 'taken@example.com')")
+    topic = env.topic()
+    coord = env.coordinator(postgres=engine)
+    tx = coord.transaction()
+    with pytest.raises(Error), tx:
+        tx.session.add(Customer(id=2, email="taken@example.com"))
+        with contextlib.suppress(IntegrityError):  # "already there: carry on"
+            tx.session.flush()
+        tx.execute("INSERT INTO customers (id, email) VALUES (3, 'c@example.com')")
+        tx.produce(topic, value=b"customer 3")
+    assert tx.status is Status.ROLLED_BACK
+    assert env.execute("SELECT id FROM customers ORDER BY id") == [(1,)]
+    assert env.read(topic) == []
+    assert env.prepared() == []
+
+
+def test_orm_writes_after_session_rollback_are_not_committed_alone(env: Env,
+                                                                   engine: Any) -> None:
+    """``session.rollback()`` inside the block (after a failed flush, as SQLAlchemy
+    requires) ends the coordinator's transaction; the session's later writes must
+    not be committed on their own."""
+    env.execute("INSERT INTO customers (id, email) VALUES (1, 'taken@example.com')")
+    topic = env.topic()
+    coord = env.coordinator(postgres=engine)
+    tx = coord.transaction()
+    with pytest.raises(UsageError, match="ended the PostgreSQL transaction"), tx:
+        tx.session.add(Customer(id=2, email="taken@example.com"))
+        try:
+            tx.session.flush()
+        except IntegrityError:
+            tx.session.rollback()
+        tx.session.add(Customer(id=4, email="d@example.com"))
+        tx.session.flush()
+        tx.produce(topic, value=b"customer 4")
+    assert env.execute("SELECT id FROM customers ORDER BY id") == [(1,)]
+    assert env.read(topic) == []
+
+
+# -- a coordinator closed while a transaction is in its block --------------------
+
+
+@pytest.mark.sync_only
+def test_closing_the_coordinator_mid_block_gives_the_connection_back(env: Env) -> None:
+    """The coordinator is closed while a transaction is inside its block: the
+    transaction fails, but its PostgreSQL work is rolled back and its connection
+    goes back to the (borrowed) pool it came from, not left idle in a transaction
+    holding its locks."""
+    make_orders(env)
+    topic = env.topic()
+    with ConnectionPool(env.dsn, min_size=2, max_size=2) as pool:
+        coord = Coordinator(pool, env.kafka, env.name, instance=env.instance,
+                            config=env.config(connection_timeout=5.0))
+        coord.open()
+        tx = coord.transaction()
+        with pytest.raises(Error), tx:
+            tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+            tx.produce(topic, value=b"1")
+            coord.close()
+        assert idle_in_transaction(env) == 0
+        assert pool.get_stats()["pool_available"] == 2
+        assert tx.status is Status.ROLLED_BACK
+    assert env.ids() == [] and env.read(topic) == [] and env.prepared() == []
+
+
+@pytest.mark.sync_only
+def test_async_closing_the_coordinator_mid_block_gives_the_connection_back(env: Env) -> None:
+    make_orders(env)
+    topic = env.topic()
+
+    async def main() -> None:
+        async with AsyncConnectionPool(env.dsn, min_size=1, max_size=1, open=False) as pool:
+            coord = acoordinator(env, pool)
+            await coord.open()
+            tx = coord.transaction()
+            with pytest.raises(Error):
+                async with tx:
+                    await tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+                    tx.produce(topic, value=b"1")
+                    await coord.close()
+            assert idle_in_transaction(env) == 0
+            assert pool.get_stats()["pool_available"] == 1
+            assert tx.status is Status.ROLLED_BACK
+
+    asyncio.run(main())
+    assert env.ids() == [] and env.read(topic) == [] and env.prepared() == []
+
+
+# -- asyncio: cancellation at the awaits outside the shielded commit procedure -----
+
+
+@pytest.mark.sync_only
+@pytest.mark.parametrize("block_cancelled", [False, True],
+                         ids=["block-raised", "block-cancelled"])
+def test_cancelled_during_the_rollback_of_a_failed_block(env: Env,
+                                                         block_cancelled: bool) -> None:
+    """The block failed (it raised, or its task was cancelled) and the task is
+    cancelled (again) while the ROLLBACK is in flight: the rollback still ends and
+    the pool's only connection comes back."""
+    make_orders(env)
+    topic = env.topic()
+    gate = Gate("ROLLBACK")
+
+    async def main() -> None:
+        async with gated_pool(env, gate) as pool, acoordinator(env, pool) as coord:
+            inside = asyncio.Event()
+
+            async def work() -> None:
+                async with coord.transaction() as tx:
+                    await tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+                    tx.produce(topic, value=b"1")
+                    gate.armed = True
+                    if not block_cancelled:
+                        raise ValueError("the block fails")
+                    inside.set()
+                    await asyncio.sleep(60)
+
+            task = asyncio.create_task(work())
+            if block_cancelled:
+                await inside.wait()
+                task.cancel()
+            await gate.reached.wait()
+            task.cancel()
+            await asyncio.sleep(0.1)
+            gate.released.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await commit_one(coord, topic, 2) is Status.COMMITTED
+
+    asyncio.run(main())
+    assert env.ids() == [2]
+    assert [m.value for m in env.read(topic)] == [b"2"]
+
+
+@pytest.mark.sync_only
+def test_cancelled_during_begin(env: Env) -> None:
+    """A task cancelled while ``async with coord.transaction()`` sends BEGIN: the
+    connection it took goes back to the pool."""
+    make_orders(env)
+    topic = env.topic()
+    gate = Gate("BEGIN")
+
+    async def main() -> None:
+        async with gated_pool(env, gate) as pool, acoordinator(env, pool) as coord:
+            gate.armed = True
+            task = asyncio.create_task(commit_one(coord, topic, 1))
+            await gate.reached.wait()
+            task.cancel()
+            await asyncio.sleep(0.1)
+            gate.released.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await commit_one(coord, topic, 2) is Status.COMMITTED
+
+    asyncio.run(main())
+    assert env.ids() == [2]
+
+
+# -- asyncio: a cancellation turned into the typed error ---------------------------
+
+
+@pytest.mark.sync_only
+@pytest.mark.xfail(strict=True, reason="design: a cancellation during the commit procedure "
+                   "that did not commit is raised as the typed error (RolledBack), so a "
+                   "'retry on RolledBack' loop swallows the cancellation and never stops")
+def test_a_cancelled_retry_loop_stops(env: Env) -> None:
+    """The documented reaction to ``RolledBack`` is to retry. A worker retrying so,
+    cancelled while its commit procedure runs (and then rolls back), must stop:
+    the cancellation must not be consumed by the typed error."""
+    make_orders(env)
+    reached = threading.Event()
+    release = threading.Event()
+
+    def on_step(at: Step, gid: str | None) -> None:
+        if at is Step.BEFORE_PREPARE:
+            reached.set()
+            release.wait(30)
+
+    async def main() -> int:
+        attempts = 0
+        async with acoordinator(env, env.dsn, on_step=on_step, check_topics=False,
+                                kafka_timeout=5.0) as coord:
+
+            async def worker() -> None:
+                nonlocal attempts
+                for _ in range(3):
+                    attempts += 1
+                    with contextlib.suppress(RolledBack):  # "fix and retry"
+                        await commit_one(coord, "no-such-topic-" + env.name, attempts)
+                        return
+
+            task = asyncio.create_task(worker())
+            await asyncio.to_thread(reached.wait, 30)
+            task.cancel()
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return attempts
+
+    assert asyncio.run(main()) == 1
+
+
+# -- asyncio: a task that uses the transaction after its block ended ---------------
+
+
+@pytest.mark.sync_only
+def test_the_transaction_refuses_statements_once_its_block_ended(env: Env) -> None:
+    """A task started inside the block runs a statement on the transaction after the
+    block ended, while the commit procedure runs (here: right after PREPARE). The
+    connection is then idle in autocommit mode: the statement was committed on its
+    own, and stayed when the transaction rolled back (its message is too large)."""
+    make_orders(env)
+    topic = env.topic()
+    gate = Gate("SELECT pg_current_xact_id()", after=True)  # the PREPARE round trip
+
+    late_result: list[BaseException | None] = []
+
+    async def main() -> None:
+        async with gated_pool(env, gate) as pool, acoordinator(env, pool) as coord:
+
+            async def late(tx: Any) -> None:
+                await gate.reached.wait()
+                try:
+                    await tx.execute("INSERT INTO orders (id, total) VALUES (2, 2)")
+                except UsageError as exc:
+                    late_result.append(exc)
+                else:
+                    late_result.append(None)
+                gate.released.set()
+
+            tx = coord.transaction()
+            with pytest.raises(RolledBack):
+                async with tx:
+                    await tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+                    tx.produce(topic, value=b"x" * 2_000_000)  # refused by Kafka
+                    gate.armed = True
+                    sibling = asyncio.create_task(late(tx))
+            await sibling
+
+    asyncio.run(main())
+    assert env.ids() == [] and env.prepared() == []
+    assert env.read(topic) == []
+    assert isinstance(late_result[0], UsageError)
