@@ -10,7 +10,7 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import psycopg
@@ -234,14 +234,14 @@ class AsyncCoordinator(CoordinatorBase):
 
     # -- what the driver (_atransaction.py) needs -----------------------------
 
-    async def _in_thread(self, call: Callable[[], T], waits_for_others: bool = False) -> T:
+    async def _in_thread(self, call: Callable[[], T], waits_for_others: bool = False,
+                         undo: Callable[[T], None] | None = None) -> T:
+        """``call()`` in a worker thread (see :func:`in_thread`)."""
         threads = self._waiting_threads if waits_for_others else self._kafka_threads
         if threads is None:
             raise UsageError("the coordinator is not open")
-        # The task's context variables go along (as with asyncio.to_thread).
-        context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(
-            threads, functools.partial(context.run, call))
+        return await in_thread(threads, call, undo,
+                               log_extra(name=self.name, instance=self.instance))
 
     async def _acquire(self) -> tuple[AsyncConnection, bool]:
         """A pooled connection, idle and in autocommit mode, and its autocommit
@@ -282,3 +282,30 @@ class AsyncCoordinator(CoordinatorBase):
             await self._give_back(conn, was, pool)
 
 
+async def in_thread(threads: Executor, call: Callable[[], T],
+                    undo: Callable[[T], None] | None = None,
+                    fields: dict[str, object] | None = None) -> T:
+    """``call()`` in one of ``threads``, with the task's context variables (as
+    ``asyncio.to_thread``). If the awaiting task is cancelled while the call
+    runs, its result, when it comes, is given to ``undo`` (a call that had not
+    started yet is cancelled and never runs)."""
+    context = contextvars.copy_context()
+    done = threads.submit(functools.partial(context.run, call))
+    try:
+        return await asyncio.wrap_future(done)
+    except asyncio.CancelledError:
+        if undo is not None:
+            done.add_done_callback(functools.partial(_undo_result, undo, fields or {}))
+        raise
+
+
+def _undo_result(undo: Callable[[Any], None], fields: dict[str, object],
+                 done: Future[Any]) -> None:
+    """``undo`` the result of a call nobody waits for any more (run by the thread
+    that finished it, or at once if it finished already)."""
+    if done.cancelled() or done.exception() is not None:
+        return
+    try:
+        undo(done.result())
+    except Exception:
+        log.exception("giving back the result of an abandoned call failed", extra=fields)

@@ -6,13 +6,14 @@ step hook run in the coordinator's worker threads, so the event loop never
 waits on them.
 
 Cancellation: a task cancelled inside the block rolls back like any other
-exception of the block. Once the block has ended, the commit procedure is
-shielded: cancelled during PREPARE or the Kafka commit, it still runs to its
-end, so the outcome is decided exactly as without the cancellation (never a
-half-commit, never a guessed outcome). Then the coroutine raises the
-procedure's typed error (``RolledBack``, ``OutcomeUnknown``, ...) when it did
-not commit, or the ``CancelledError`` when it did (:attr:`status` says
-``COMMITTED``).
+exception of the block. Once the block has ended, the commit procedure (and
+the rollback of a failed block) is shielded: cancelled during PREPARE or the
+Kafka commit, it still runs to its end, so the outcome is decided exactly as
+without the cancellation (never a half-commit, never a guessed outcome). Then
+the coroutine raises the ``CancelledError``, as a cancelled task must: its
+``__cause__`` is the typed error (``RolledBack``, ``OutcomeUnknown``, ...) when
+the transaction did not commit, and :attr:`status` tells the outcome either
+way (``COMMITTED`` when it did).
 """
 
 from __future__ import annotations
@@ -100,12 +101,15 @@ class AsyncTransaction(TransactionCore):
             except asyncio.CancelledError as stop:
                 cancelled = stop  # the procedure runs to its end all the same
         error = procedure.exception()
-        if error is not None:
-            if cancelled is not None and error.__context__ is None:
-                error.__context__ = cancelled  # the typed outcome, after the cancellation
-            raise error
         if cancelled is not None:
+            # A cancelled task ends cancelled, whatever the outcome (asyncio.timeout,
+            # TaskGroup and shutdown rely on it; a retry loop catching RolledBack must
+            # not swallow it). The outcome: tx.status, and the typed error as cause.
+            if error is not None:
+                raise cancelled from error
             raise cancelled
+        if error is not None:
+            raise error
 
     # -- the driver ----------------------------------------------------------
 
@@ -120,8 +124,8 @@ class AsyncTransaction(TransactionCore):
             case Execute():
                 async with coord._borrow() as conn:
                     return await execute_async(conn, effect)
-            case Blocking(call, waits_for_others):
-                return await coord._in_thread(call, waits_for_others)
+            case Blocking(call, waits_for_others, undo):
+                return await coord._in_thread(call, waits_for_others, undo)
             case Sleep(seconds, sleep):
                 if sleep is time.sleep:
                     await asyncio.sleep(seconds)

@@ -76,6 +76,10 @@ class Blocking:
     """The call may wait for other transactions to make progress (for a free
     producer slot): the asyncio driver runs it apart from the calls those
     transactions need, so that waiters cannot starve them of threads."""
+    undo: Callable[[Any], None] | None = None
+    """Given the call's result if it arrives after the driver stopped waiting
+    for it (the asyncio task running the flow was cancelled): gives back what
+    the call took (a producer slot's ticket)."""
 
 
 @dataclass(frozen=True, slots=True)

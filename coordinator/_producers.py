@@ -153,6 +153,20 @@ class ProducerSlot:
         if live is not None:
             close_quietly(live.producer, self.transactional_id)
 
+    def close(self) -> None:
+        """Close the producer when the coordinator closes. A Kafka transaction in
+        flight on it (in another thread) is waited for up to the Kafka timeout;
+        if it is still running then, the producer is only dropped: that thread
+        holds its own reference, and the producer is destroyed when it is done,
+        never under it."""
+        if self.lock.acquire(timeout=self._timeout):
+            try:
+                self.discard()
+            finally:
+                self.lock.release()
+        else:
+            self._live = None
+
     @property
     def alive(self) -> bool:
         return self._live is not None
@@ -248,4 +262,4 @@ class ProducerPool:
 
     def close(self) -> None:
         for slot in self.slots:
-            slot.discard()
+            slot.close()

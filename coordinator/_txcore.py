@@ -310,7 +310,7 @@ class TransactionCore:
             ticket: Ticket | None = committer.join_now()  # never waits
             if ticket is None:
                 ticket = yield Blocking(lambda: committer.join(timeout),
-                                        waits_for_others=True)
+                                        waits_for_others=True, undo=_cancel_ticket)
             assert ticket is not None
         except (TimeoutError, KafkaException, TopicUnusable) as exc:
             yield from self._abandon(Event.FAILED_BEFORE_COMMIT)
@@ -499,6 +499,10 @@ class TransactionCore:
                      self.gid, what, self._xid, extra=self._extra(Phase.PG_COMMIT))
         return Diverged(f"the two sides diverged: {what}", gid=self.gid,
                         phase=Phase.PG_COMMIT, kafka_committed=kafka_committed)
+
+
+def _cancel_ticket(ticket: Ticket) -> None:
+    ticket.cancel()
 
 
 def _to_bytes(v: str | bytes) -> bytes:

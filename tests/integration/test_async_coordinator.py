@@ -126,9 +126,10 @@ def test_cancelled_during_the_commit_procedure_finishes_it(env: Env, step: Step)
     assert env.prepared() == []
 
 
-def test_cancelled_procedure_that_rolls_back_raises_the_typed_error(env: Env) -> None:
+def test_cancelled_procedure_that_rolls_back_carries_the_typed_error(env: Env) -> None:
     """Cancelled during the procedure, which then fails (the topic does not exist):
-    the coroutine ends with the library's typed error, not a bare cancellation."""
+    the task ends cancelled, as a cancelled task must, with the library's typed
+    error as the cause and the outcome in ``tx.status``."""
     from coordinator import RolledBack
 
     make_table(env)
@@ -147,9 +148,10 @@ def test_cancelled_procedure_that_rolls_back_raises_the_typed_error(env: Env) ->
             await asyncio.to_thread(reached.wait, 30)
             task.cancel()
             release.set()
-            with pytest.raises(RolledBack) as info:
+            with pytest.raises(asyncio.CancelledError) as info:
                 await task
-            assert isinstance(info.value.__context__, asyncio.CancelledError)
+            assert isinstance(info.value.__cause__, RolledBack)
+            assert task.cancelled()
 
     asyncio.run(main())
     assert env.ids() == []

@@ -322,9 +322,6 @@ def test_cancelled_during_begin(env: Env) -> None:
 
 
 @pytest.mark.sync_only
-@pytest.mark.xfail(strict=True, reason="design: a cancellation during the commit procedure "
-                   "that did not commit is raised as the typed error (RolledBack), so a "
-                   "'retry on RolledBack' loop swallows the cancellation and never stops")
 def test_a_cancelled_retry_loop_stops(env: Env) -> None:
     """The documented reaction to ``RolledBack`` is to retry. A worker retrying so,
     cancelled while its commit procedure runs (and then rolls back), must stop:
