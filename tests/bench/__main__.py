@@ -40,6 +40,8 @@ Usage (through ``scripts/bench``, which starts the local stack, or
     scripts/bench --asyncio --quick
     scripts/bench --aio-producer  # a Kafka transaction from asyncio: confluent_kafka.aio.
                                   # AIOProducer vs the blocking Producer in worker threads
+    scripts/bench --observers     # group commit at 32 threads with observers off, with
+                                  # Prometheus metrics, with metrics + tracing (observers.py)
 
 The services come from ``PG_DSN`` and ``KAFKA_BOOTSTRAP_SERVERS``. The last
 line of the main mode is::
@@ -57,6 +59,7 @@ The last line of ``--consume`` is::
 The last line of ``--asyncio`` is ``async_group_vs_async_naive=R`` ((h)'s throughput
 over (i)'s at 256 tasks; see ``aio_mode.py``), that of ``--aio-producer``
 ``aio_producer_vs_threads=R`` (see ``aio_producer.py``).
+The last line of ``--observers`` is ``observer_overhead_pct=X`` (see ``observers.py``).
 """
 
 from __future__ import annotations
@@ -140,6 +143,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "of AIOProducer's transactional API")
     ap.add_argument("--aio-messages", default="2,16,128",
                     help="messages per Kafka transaction of --aio-producer, comma-separated")
+    ap.add_argument("--observers", action="store_true",
+                    help="the cost of metrics and tracing: group commit at the highest "
+                    "--concurrency with observers off, PrometheusObserver, and "
+                    "PrometheusObserver + TracingObserver, interleaved")
     args = ap.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 5
@@ -165,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return aio_mode.main(args, out_dir)
     if args.aio_producer:
         return aio_producer.main(args, out_dir)
+    if args.observers:  # imported here: only this mode needs the metrics and otel extras
+        from . import observers
+
+        return observers.main(args, out_dir)
     return throughput.main(args, out_dir)
 
 
