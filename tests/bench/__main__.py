@@ -147,6 +147,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="the cost of metrics and tracing: group commit at the highest "
                     "--concurrency with observers off, PrometheusObserver, and "
                     "PrometheusObserver + TracingObserver, interleaved")
+    ap.add_argument("--observer-variants", default="off,metrics,metrics_tracing",
+                    help="variants of --observers; also the reference metrics_tracing_sampled")
     args = ap.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 5

@@ -12,6 +12,13 @@ producers) at the highest ``--concurrency`` (32 by default), three ways:
                      drops the spans in process: the cost measured is the library's and
                      the SDK's, not a network's.
 
+and, only when asked (``--observer-variants``), a reference:
+
+``metrics_tracing_sampled``  the same with the sampler
+                     ``ParentBased(TraceIdRatioBased(0.1))``: one root span in ten
+                     recorded (the others are non-recording; their context is still
+                     propagated).
+
 The three coordinators are open together in this process, on one connection pool and
 one topic. The measurements are interleaved (round 1 of each variant, then round 2, ...;
 the order rotates every round) after one untimed pass of each, so that drift on a shared
@@ -48,6 +55,7 @@ from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 from psycopg_pool import ConnectionPool
 
@@ -75,6 +83,7 @@ from .report import machine_notes, server_notes, write_mode_report
 from .txn_count import TxnStats, counting_factory
 
 __all__ = [
+    "ALL_VARIANTS",
     "LABELS",
     "TARGET_PCT",
     "VARIANTS",
@@ -85,11 +94,16 @@ __all__ = [
 ]
 
 VARIANTS = ("off", "metrics", "metrics_tracing")
+"""Measured by default."""
+ALL_VARIANTS = (*VARIANTS, "metrics_tracing_sampled")
 LABELS = {
     "off": "observers off",
     "metrics": "PrometheusObserver",
     "metrics_tracing": "PrometheusObserver + TracingObserver",
+    "metrics_tracing_sampled": "PrometheusObserver + TracingObserver, 10 % sampled",
 }
+SAMPLED_RATIO = 0.1
+"""The trace-id ratio of ``metrics_tracing_sampled``."""
 TARGET_PCT = 5.0
 """The overhead aimed at, in percent of throughput at 32 threads."""
 
@@ -147,7 +161,7 @@ class Observed:
 
 
 def make_observers(variant: str) -> Observed:
-    """The observers of ``variant`` (one of :data:`VARIANTS`), each on its own
+    """The observers of ``variant`` (one of :data:`ALL_VARIANTS`), each on its own
     registry and tracer provider."""
     if variant == "off":
         return Observed(())
@@ -155,10 +169,11 @@ def make_observers(variant: str) -> Observed:
     metrics = PrometheusObserver(registry)
     if variant == "metrics":
         return Observed((metrics,), registry)
-    if variant != "metrics_tracing":
+    if variant not in ("metrics_tracing", "metrics_tracing_sampled"):
         raise ValueError(f"unknown variant {variant!r}")
     exporter = DroppingExporter()
-    provider = TracerProvider()
+    provider = (TracerProvider() if variant == "metrics_tracing" else
+                TracerProvider(sampler=ParentBased(TraceIdRatioBased(SAMPLED_RATIO))))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return Observed((metrics, TracingObserver(tracer_provider=provider)), registry, provider,
                     exporter)
@@ -247,7 +262,7 @@ def summarize(results: Sequence[RunResult]) -> dict[str, dict[str, float]]:
     rounds of the loss against ``off`` in the same round) and CPU per operation added."""
     out: dict[str, dict[str, float]] = {}
     by_run = {(r.path, r.run): r for r in results}
-    for v in VARIANTS:
+    for v in ALL_VARIANTS:
         rs = [r for r in results if r.path == v]
         if not rs:
             continue
@@ -388,12 +403,14 @@ def _category(filename: str) -> str:
     return "Python built-ins and stdlib"
 
 
-def profile_replay(calls: Sequence[Call], n: int, repeats: int) -> dict[str, Any]:
+def profile_replay(calls: Sequence[Call], n: int, repeats: int,
+                   variants: Sequence[str] = VARIANTS) -> dict[str, Any]:
     """Microseconds per transaction of each variant's observer calls (the least of
     ``repeats`` replays; ``off`` is the fan-out with no observer), and a cProfile of the
     metrics + tracing replay: tottime by package and the top functions."""
     us: dict[str, float] = {}
-    for v in VARIANTS:
+    variants = ["off", *(v for v in variants if v != "off")]
+    for v in variants:
         observed = make_observers(v)
         try:
             _replay(observed, calls, min(n, 2000))  # warm-up
@@ -418,7 +435,7 @@ def profile_replay(calls: Sequence[Call], n: int, repeats: int) -> dict[str, Any
     return {
         "transactions": n, "calls_per_transaction": [m for m, _ in calls],
         "cpu_us_per_transaction": us,
-        "observer_cpu_us_per_transaction": {v: us[v] - us["off"] for v in VARIANTS[1:]},
+        "observer_cpu_us_per_transaction": {v: us[v] - us["off"] for v in variants[1:]},
         "profile_share_by_package": dict(sorted(
             ((k, v / total) for k, v in by_cat.items()), key=lambda kv: -kv[1])),
         "profile_top_tottime": [
@@ -479,7 +496,7 @@ def _markdown(summary: dict[str, dict[str, float]], replay: dict[str, Any],
         "as a share of the bench process's CPU per op with observers off |",
         "|---|---:|---:|---:|",
     ]
-    for v in VARIANTS:
+    for v in us:
         extra = added.get(v)
         share = f"{extra / (off_ms * 1e3) * 100:.1f} %" if extra is not None else "-"
         shown = "-" if extra is None else f"{extra:.1f}"
@@ -502,13 +519,18 @@ def main(args: argparse.Namespace, out_dir: Path) -> int:
     suffix = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
     tables = Tables(env.dsn, suffix)
     topic = f"pk2pc-bench.observers.{suffix}"
-    instances = {v: f"bench{os.getpid()}-o{i}" for i, v in enumerate(VARIANTS)}
+    variants = [v for v in args.observer_variants.split(",") if v]
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
+    if unknown or "off" not in variants:
+        sys.exit(f"--observer-variants: a subset of {','.join(ALL_VARIANTS)} with off; "
+                 f"not {','.join(unknown) or 'without off'}")
+    instances = {v: f"bench{os.getpid()}-o{i}" for i, v in enumerate(variants)}
     rec_instance = f"bench{os.getpid()}-orec"
     group = GroupCommit(max_wait=args.max_wait, max_batch=args.max_batch)
     config = CoordinatorConfig(producers=args.producers, group_commit=group)
     started = time.monotonic()
     notes = {**machine_notes(), **server_notes(env.dsn)}
-    say(f"observers: {list(VARIANTS)} at concurrency {c}, {args.runs} rounds of "
+    say(f"observers: {variants} at concurrency {c}, {args.runs} rounds of "
         f"{args.warmup}+{args.duration} s, producers={args.producers}, {group}")
     tables.create()
     create_topics(env.brokers, [topic], args.partitions)
@@ -517,9 +539,9 @@ def main(args: argparse.Namespace, out_dir: Path) -> int:
     sanity: dict[str, Any] = {}
     try:
         # One pool for all: c workers, one instance-lock session per coordinator, spare.
-        pool = make_pool(env.dsn, c + len(VARIANTS) + 5, "bench-observers")
+        pool = make_pool(env.dsn, c + len(variants) + 5, "bench-observers")
         calls = record_calls(pool, env.brokers, tables, topic, rec_instance, config)
-        for v in VARIANTS:
+        for v in variants:
             impls.append(_Variant(v, pool, env.brokers, tables, topic, instances[v], config))
         say(f"observers: set up in {time.monotonic() - started:.1f} s; warming up")
         results = _rounds(args, impls, c, ProcessCpu(env.pg_port, env.kafka_port))
@@ -546,7 +568,7 @@ def main(args: argparse.Namespace, out_dir: Path) -> int:
             delete_topics(env.brokers, [topic])
     measured_s = time.monotonic() - started
     say("observers: replaying the observer calls of one transaction (cProfile)")
-    replay = profile_replay(calls, REPLAY_TRANSACTIONS, REPLAY_REPEATS)
+    replay = profile_replay(calls, REPLAY_TRANSACTIONS, REPLAY_REPEATS, variants)
     summary = summarize(results)
     notes["loadavg_at_end"] = os.getloadavg()
     md = _markdown(summary, replay, sanity, args, c, group)
