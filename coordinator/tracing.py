@@ -18,6 +18,10 @@ Each coordinated transaction gets one span, ``pk2pc.transaction``:
   duration; a transaction that did not commit has status ERROR with its
   exception recorded.
 
+A span the sampler drops is not recording: its context is still written into
+the produced messages (so that consumers do not sample it either), and nothing
+else is done for it (no attribute or event is built only to be discarded).
+
 The span is *not* made the current span: observers may run on other threads
 or tasks than the one that entered the transaction, so the observer never
 attaches a context; it passes its own explicitly (as parent, and to the
@@ -107,7 +111,8 @@ class TracingObserver:
 class _TransactionSpan:
     """The span of one transaction (a :class:`~coordinator.observe.TransactionObserver`)."""
 
-    __slots__ = ("_context", "_ended", "_gid", "_headers", "_lock", "_propagator", "span")
+    __slots__ = ("_context", "_ended", "_gid", "_headers", "_lock", "_propagator",
+                 "_recording", "span")
 
     def __init__(self, span: Span, context: otel_context.Context,
                  propagator: TextMapPropagator) -> None:
@@ -118,6 +123,7 @@ class _TransactionSpan:
         self._ended = False
         self._gid = False
         self._lock = threading.Lock()
+        self._recording = span.is_recording()
 
     def headers(self) -> Headers:
         if self._headers is None:
@@ -127,15 +133,19 @@ class _TransactionSpan:
         return self._headers
 
     def phase(self, phase: Phase, seconds: float) -> None:
+        if not self._recording:
+            return
         self.span.add_event(f"pk2pc.{phase.value}", {
             "pk2pc.phase": phase.value, "pk2pc.phase.duration_s": seconds})
 
     def prepared(self, gid: str) -> None:
         self._gid = True
-        self.span.set_attribute("pk2pc.gid", gid)
+        if self._recording:
+            self.span.set_attribute("pk2pc.gid", gid)
 
     def group(self, members: int) -> None:
-        self.span.set_attribute("pk2pc.group.members", members)
+        if self._recording:
+            self.span.set_attribute("pk2pc.group.members", members)
 
     def end(self, status: Status, phase: Phase | None, error: BaseException | None,
             seconds: float) -> None:
@@ -144,6 +154,9 @@ class _TransactionSpan:
                 return
             self._ended = True
         span = self.span
+        if not self._recording:
+            span.end()
+            return
         if not self._gid and isinstance(error, Error) and _is_gid(error.gid):
             # Chosen, then PREPARE failed: the gid may still be in doubt somewhere.
             span.set_attribute("pk2pc.gid", str(error.gid))
