@@ -26,23 +26,36 @@ def _quietly(what: str, call: Callable[[], Any], fields: dict[str, object]) -> A
 
 
 class TxObservers:
-    """The observers of one transaction, with its phase clock."""
+    """The observers of one transaction, with its phase clock.
 
-    __slots__ = ("_each", "_ended", "_fields", "_headers", "_phase_start", "_start")
+    Called several times per transaction on the hot path: plain loops, and log
+    fields built only when an observer fails."""
+
+    __slots__ = ("_each", "_ended", "_gid", "_headers", "_instance", "_name",
+                 "_phase_start", "_start")
 
     def __init__(self, each: Sequence[TransactionObserver], name: str | None = None,
                  instance: str | None = None) -> None:
         self._each = tuple(each)
-        self._fields = log_extra(name=name, instance=instance)
+        self._name = name
+        self._instance = instance
+        self._gid: str | None = None
         self._start = self._phase_start = time.perf_counter()
         self._ended = False
         self._headers: tuple[tuple[str, bytes], ...] | None = None
+
+    def _failed(self, what: str, phase: Phase | None = None) -> None:
+        log.exception("observer failed in %s (ignored)", what, extra=log_extra(
+            gid=self._gid, phase=phase, name=self._name, instance=self._instance))
 
     def headers(self) -> tuple[tuple[str, bytes], ...]:
         if self._headers is None:
             found: list[tuple[str, bytes]] = []
             for o in self._each:
-                found.extend(_quietly("headers", o.headers, self._fields) or ())
+                try:
+                    found.extend(o.headers() or ())
+                except Exception:
+                    self._failed("headers")
             self._headers = tuple(found)
         return self._headers
 
@@ -51,20 +64,29 @@ class TxObservers:
 
     def phase(self, phase: Phase) -> None:
         """``phase`` ended now (it began at the last :meth:`phase_start`)."""
-        seconds = time.perf_counter() - self._phase_start
+        now = time.perf_counter()
+        seconds = now - self._phase_start
         for o in self._each:
-            _quietly("phase", lambda o=o: o.phase(phase, seconds),  # type: ignore[misc]
-                     {**self._fields, "phase": None if phase is None else str(phase)})
-        self._phase_start = time.perf_counter()
+            try:
+                o.phase(phase, seconds)
+            except Exception:
+                self._failed("phase", phase)
+        self._phase_start = now
 
     def prepared(self, gid: str) -> None:
-        self._fields = {**self._fields, "gid": gid}
+        self._gid = gid
         for o in self._each:
-            _quietly("prepared", lambda o=o: o.prepared(gid), self._fields)  # type: ignore[misc]
+            try:
+                o.prepared(gid)
+            except Exception:
+                self._failed("prepared")
 
     def group(self, members: int) -> None:
         for o in self._each:
-            _quietly("group", lambda o=o: o.group(members), self._fields)  # type: ignore[misc]
+            try:
+                o.group(members)
+            except Exception:
+                self._failed("group")
 
     def end(self, status: Status, phase: Phase | None, error: BaseException | None) -> None:
         if self._ended:
@@ -72,8 +94,10 @@ class TxObservers:
         self._ended = True
         seconds = time.perf_counter() - self._start
         for o in self._each:
-            _quietly("end", lambda o=o: o.end(status, phase, error, seconds),  # type: ignore[misc]
-                     {**self._fields, "phase": None if phase is None else str(phase)})
+            try:
+                o.end(status, phase, error, seconds)
+            except Exception:
+                self._failed("end", phase)
 
 
 class Observers:

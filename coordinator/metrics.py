@@ -184,9 +184,13 @@ class PrometheusObserver:
         self.registry: CollectorRegistry = (
             prometheus_client.REGISTRY if registry is None else registry)
         self._m = _families(self.registry, tuple(latency_buckets), tuple(group_size_buckets))
+        self._series: dict[str, _Series] = {}
 
     def transaction(self, info: TransactionInfo) -> _TransactionMetrics:
-        return _TransactionMetrics(self._m, info.name)
+        series = self._series.get(info.name)
+        if series is None:
+            series = self._series.setdefault(info.name, _Series(self._m, info.name))
+        return _TransactionMetrics(series)
 
     def producer_started(self, name: str, instance: str, slot: int, generation: int) -> None:
         m = self._m
@@ -201,39 +205,66 @@ class PrometheusObserver:
         self._m.idempotency_hits.labels(name).inc()
 
 
+class _Series:
+    """The labelled series of one coordinator name, looked up once (a label
+    lookup costs more than the update itself)."""
+
+    __slots__ = ("_outcomes", "_phases", "group_size", "in_flight", "m", "name")
+
+    def __init__(self, families: _Families, name: str) -> None:
+        self.m = families
+        self.name = name
+        self.in_flight = families.in_flight.labels(name)
+        self.group_size = families.group_size.labels(name)
+        self._phases: dict[str, Histogram] = {}
+        self._outcomes: dict[tuple[str, str], Counter] = {}
+
+    def phase(self, label: str) -> Histogram:
+        found = self._phases.get(label)
+        if found is None:
+            found = self._phases.setdefault(
+                label, self.m.phase_seconds.labels(self.name, label))
+        return found
+
+    def outcome(self, status: str, phase: str) -> Counter:
+        found = self._outcomes.get((status, phase))
+        if found is None:
+            found = self._outcomes.setdefault(
+                (status, phase), self.m.transactions.labels(self.name, status, phase))
+        return found
+
+
 class _TransactionMetrics:
     """One transaction's :class:`~coordinator.observe.TransactionObserver`."""
 
-    __slots__ = ("_ended", "_m", "_name", "_prepared")
+    __slots__ = ("_ended", "_prepared", "_series")
 
-    def __init__(self, families: _Families, name: str) -> None:
-        self._m = families
-        self._name = name
+    def __init__(self, series: _Series) -> None:
+        self._series = series
         self._prepared = False
         self._ended = False
-        families.in_flight.labels(name).inc()
+        series.in_flight.inc()
 
     def headers(self) -> Headers:
         return ()
 
     def phase(self, phase: Phase, seconds: float) -> None:
-        label = phase_label(phase, self._prepared)
-        self._m.phase_seconds.labels(self._name, label).observe(seconds)
+        self._series.phase(phase_label(phase, self._prepared)).observe(seconds)
 
     def prepared(self, gid: str) -> None:
         self._prepared = True
 
     def group(self, members: int) -> None:
-        self._m.group_size.labels(self._name).observe(members)
+        self._series.group_size.observe(members)
 
     def end(self, status: Status, phase: Phase | None, error: BaseException | None,
             seconds: float) -> None:
         if self._ended:
             return
         self._ended = True
-        m, name = self._m, self._name
-        m.in_flight.labels(name).dec()
+        series = self._series
+        series.in_flight.dec()
         label = Status.IN_DOUBT if isinstance(error, OutcomeUnknown) else status
         failed = NO_PHASE if phase is None or status is Status.COMMITTED else phase.value
-        m.transactions.labels(name, label.value, failed).inc()
-        m.phase_seconds.labels(name, "total").observe(seconds)
+        series.outcome(label.value, failed).inc()
+        series.phase("total").observe(seconds)
