@@ -267,6 +267,21 @@ def group_commit(request: pytest.FixtureRequest) -> GroupCommit | None:
 
 
 @pytest.fixture
+def engine(env: Env) -> Iterator[Any]:
+    """An SQLAlchemy engine of the test's driver kind, with the model's tables
+    (``tests/integration/orm.py``); disposed after the test's coordinators close."""
+    from tests.integration.orm import make_engine
+
+    made = make_engine(env)
+    yield made
+    env.close_coordinators()  # first: their connections belong to the engine
+    if env.driver == "sync":
+        made.dispose()
+    else:
+        env.run(made.dispose())  # on the loop its connections were made on
+
+
+@pytest.fixture
 def orders(env: Env) -> str:
     """A business table ``orders(id int primary key, total int)`` in the test database."""
     env.execute("CREATE TABLE orders (id int PRIMARY KEY, total int NOT NULL)")

@@ -14,17 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-import sqlalchemy as sa
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
-from sqlalchemy import String, create_engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from coordinator import (
     AsyncCoordinator,
@@ -36,50 +31,12 @@ from coordinator import (
     UsageError,
 )
 from tests.integration.conftest import Env
+from tests.integration.orm import Customer
 
 BOTH_DRIVERS = True
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Customer(Base):
-    __tablename__ = "customers"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    email: Mapped[str] = mapped_column(String(100), unique=True)
-
-
-def url(env: Env) -> sa.URL:
-    params = psycopg.conninfo.conninfo_to_dict(env.dsn)
-    return sa.URL.create(
-        "postgresql+psycopg", username=str(params.get("user") or "") or None,
-        password=str(params["password"]) if params.get("password") else None,
-        host=str(params.get("host") or "") or None,
-        port=int(str(params["port"])) if params.get("port") else None,
-        database=str(params["dbname"]))
-
-
-@pytest.fixture
-def engine(env: Env) -> Iterator[Any]:
-    """The driver's kind of engine on the test's database, with the table made."""
-    ddl = create_engine(url(env))
-    Base.metadata.create_all(ddl)
-    ddl.dispose()
-    if env.driver == "sync":
-        made: Any = create_engine(url(env), pool_size=4)
-        yield made
-        env.close_coordinators()
-        made.dispose()
-        return
-    made = create_async_engine(url(env), pool_size=4)
-    yield made
-    env.close_coordinators()
-    env.run(made.dispose())
 
 
 def make_orders(env: Env) -> None:

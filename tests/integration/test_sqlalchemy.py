@@ -9,71 +9,19 @@ read back from PostgreSQL and Kafka.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
-import sqlalchemy as sa
-from sqlalchemy import ForeignKey, String, create_engine, select
+from sqlalchemy import create_engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from coordinator import ConfigurationError, RolledBack, Status, UsageError
 from coordinator._enums import Phase
 from tests.integration.conftest import Env
+from tests.integration.orm import Customer, Order, url
 
 BOTH_DRIVERS = True
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Customer(Base):
-    __tablename__ = "customers"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    email: Mapped[str] = mapped_column(String(100), unique=True)
-    orders: Mapped[list[Order]] = relationship(back_populates="customer")
-
-
-class Order(Base):
-    __tablename__ = "orders"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
-    total: Mapped[int]
-    customer: Mapped[Customer] = relationship(back_populates="orders")
-
-
-def url(env: Env, driver: str = "psycopg") -> sa.URL:
-    params = psycopg.conninfo.conninfo_to_dict(env.dsn)
-    return sa.URL.create(
-        f"postgresql+{driver}", username=str(params.get("user") or "") or None,
-        password=str(params["password"]) if params.get("password") else None,
-        host=str(params.get("host") or "") or None,
-        port=int(str(params["port"])) if params.get("port") else None,
-        database=str(params["dbname"]))
-
-
-@pytest.fixture
-def engine(env: Env) -> Iterator[Any]:
-    """The driver's kind of engine on the test's database, with the tables made."""
-    ddl = create_engine(url(env))
-    Base.metadata.create_all(ddl)
-    ddl.dispose()
-    if env.driver == "sync":
-        made: Any = create_engine(url(env), pool_size=4)
-        yield made
-        env.close_coordinators()  # first: their connections belong to the engine
-        made.dispose()
-        return
-    made = create_async_engine(url(env), pool_size=4)
-    yield made
-    env.close_coordinators()
-    env.run(made.dispose())  # on the loop its connections were made on
 
 
 def checked_out(env: Env, engine: Any) -> int:
