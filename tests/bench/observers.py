@@ -78,9 +78,8 @@ from .env import (
     say,
 )
 from .loop import RunResult, measure
-from .paths import Op, Workload
+from .paths import Op, TwoPC
 from .report import machine_notes, server_notes, write_mode_report
-from .txn_count import TxnStats, counting_factory
 
 __all__ = [
     "ALL_VARIANTS",
@@ -179,47 +178,26 @@ def make_observers(variant: str) -> Observed:
                     exporter)
 
 
-class _Variant(Workload):
+class _Variant(TwoPC):
     """The group-commit path with one variant's observers, on a shared pool."""
 
     def __init__(self, variant: str, pool: ConnectionPool[Any], brokers: str, tables: Tables,
                  topic: str, instance: str, config: CoordinatorConfig) -> None:
-        self.name = variant
-        self.tables = tables
-        self.topic = topic
         self.observed = make_observers(variant)
-        self.stats = TxnStats()
         self.committed = 0
         self.errors = 0
-        self._before = (0, 0)
-        config = dataclasses.replace(
-            config, observers=self.observed.observers,
-            producer_factory=counting_factory(self.stats, config.decision_topic.name))
-        self.coord = Coordinator(pool, {"bootstrap.servers": brokers}, COORD_NAME,
-                                 instance=instance, config=config)
-        self.coord.open()
-
-    def op(self, op_id: str) -> None:
-        with self.coord.transaction() as tx:
-            tx.execute(self.tables.insert_row, (op_id, 1))
-            tx.produce(self.topic, value=PAYLOAD, key=op_id.encode())
-
-    def begin_measure(self) -> None:
-        self._before = self.stats.snapshot()
+        super().__init__(variant, "", brokers, tables, topic, 0, instance,
+                         dataclasses.replace(config, observers=self.observed.observers),
+                         pool=pool)
 
     def end_measure(self, ops: Sequence[Op], w0: float, w1: float,
                     warmup: float) -> tuple[list[Op], dict[str, float]]:
         self.committed += len(ops)
-        after = self.stats.snapshot()
-        txns = after[0] - self._before[0]
-        extra: dict[str, float] = {}
-        if txns:
-            extra["mean_group_size"] = (after[1] - self._before[1]) / txns
-        return list(ops), extra
+        return super().end_measure(ops, w0, w1, warmup)
 
     def close(self) -> None:
         try:
-            self.coord.close()
+            super().close()
         finally:
             self.observed.close()
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 from psycopg import sql
+from psycopg_pool import ConnectionPool
 
 from coordinator import Coordinator, CoordinatorConfig
 
@@ -139,7 +140,8 @@ class TwoPC(Workload):
     (``producer_factory``), for the mean group size."""
 
     def __init__(self, name: str, dsn: str, brokers: str, tables: Tables, topic: str,
-                 pool_size: int, instance: str, config: CoordinatorConfig) -> None:
+                 pool_size: int, instance: str, config: CoordinatorConfig,
+                 pool: ConnectionPool[Any] | None = None) -> None:
         self.name = name
         self.tables = tables
         self.topic = topic
@@ -147,7 +149,8 @@ class TwoPC(Workload):
         self._before = (0, 0)
         config = dataclasses.replace(config, producer_factory=counting_factory(
             self.stats, config.decision_topic.name))
-        self.pool = make_pool(dsn, pool_size, f"bench-{name}")
+        self._owns_pool = pool is None
+        self.pool = make_pool(dsn, pool_size, f"bench-{name}") if pool is None else pool
         self.coord = Coordinator(self.pool, {"bootstrap.servers": brokers}, COORD_NAME,
                                  instance=instance, config=config)
         self.coord.open()
@@ -172,7 +175,8 @@ class TwoPC(Workload):
 
     def close(self) -> None:
         self.coord.close()
-        self.pool.close()
+        if self._owns_pool:
+            self.pool.close()
 
 
 class PgOnly(Workload):
