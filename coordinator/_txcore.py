@@ -402,15 +402,17 @@ class TransactionCore:
         self._obs.phase(Phase.PREPARE)
         self._obs.prepared(str(gid))
         self._protocol.fire(Event.PREPARED)
-        log.debug("gid=%s prepared", gid, extra=self._extra(Phase.PREPARE))
+        if log.isEnabledFor(logging.DEBUG):  # the fields cost more than the call
+            log.debug("gid=%s prepared", gid, extra=self._extra(Phase.PREPARE))
 
     def _after_kafka(self, result: KafkaResult) -> Flow[None]:
         """The protocol says what follows the Kafka transaction's outcome; do it."""
         gid = str(self._gid)
         step = self._protocol.after_kafka(result.outcome)
         if step.then is Then.COMMIT_PREPARED:
-            log.debug("gid=%s Kafka committed in %.1f ms", gid, result.commit_seconds * 1e3,
-                      extra=self._extra(Phase.KAFKA_COMMIT))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("gid=%s Kafka committed in %.1f ms", gid, result.commit_seconds * 1e3,
+                          extra=self._extra(Phase.KAFKA_COMMIT))
             try:
                 yield from self._step(Step.AFTER_KAFKA_COMMIT)
             except Exception as exc:  # committed all the same: say so
@@ -470,7 +472,8 @@ class TransactionCore:
             log.info("gid=%s was already committed by another session", self.gid,
                      extra=self._extra(Phase.PG_COMMIT))
         self._protocol.fire(Event.PG_COMMITTED)
-        log.debug("gid=%s committed", self.gid, extra=self._extra(Phase.PG_COMMIT))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("gid=%s committed", self.gid, extra=self._extra(Phase.PG_COMMIT))
 
     def _finish_prepared(self, commit: bool) -> Flow[Finish]:
         assert self._gid is not None
