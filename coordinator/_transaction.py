@@ -3,6 +3,7 @@ the protocol's steps (``_txcore.py``) ask for, on the spot."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -52,6 +53,14 @@ class Transaction(TransactionCore):
 
     _coord: Coordinator
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._statements = threading.Lock()
+        """Held by :meth:`execute` from its check to its answer, and by the block's
+        end while it marks the block ended: a statement from another thread runs
+        wholly inside the transaction or is refused, never after PREPARE.
+        (psycopg's own connection lock is not first come, first served.)"""
+
     @property
     def connection(self) -> Connection:
         """The psycopg connection of this transaction (inside the block only)."""
@@ -68,8 +77,15 @@ class Transaction(TransactionCore):
         return session
 
     def execute(self, query: Query, params: Any = None) -> psycopg.Cursor[tuple[object, ...]]:
-        """Execute a statement in the transaction; returns the cursor."""
-        return self.connection.execute(query, params)
+        """Execute a statement in the transaction; returns the cursor.
+
+        Safe to call from other threads while the block runs: a statement still
+        running when the block ends is waited for, and one started after it is
+        refused with :class:`UsageError`. (Statements run directly on
+        :attr:`connection` or :attr:`session` from other threads must end before
+        the block does.)"""
+        with self._statements:
+            return self.connection.execute(query, params)
 
     def __enter__(self) -> Self:
         self._drive(self._enter_flow())
@@ -81,7 +97,9 @@ class Transaction(TransactionCore):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._drive(self._exit_flow(exc))
+        with self._statements:  # waits for a statement another thread has in flight
+            flow = self._exit_flow(exc)
+        self._drive(flow)
 
     # -- the driver ----------------------------------------------------------
 

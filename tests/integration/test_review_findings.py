@@ -357,3 +357,68 @@ def test_the_transaction_refuses_statements_once_its_block_ended(env: Env) -> No
     assert env.ids() == [] and env.prepared() == []
     assert env.read(topic) == []
     assert isinstance(late_result[0], UsageError)
+
+
+# -- threads: a statement from another thread while the block ends --------------
+
+
+@pytest.mark.sync_only
+def test_a_statement_from_another_thread_runs_inside_the_transaction_or_not_at_all(
+        env: Env) -> None:
+    """A thread inside ``tx.execute`` -- past the "block still open" check, not yet
+    holding psycopg's connection lock -- while the block ends. Its statement must
+    run inside the transaction (and roll back with it: the message is too large)
+    or be refused; it ran after PREPARE, in autocommit mode, and was committed on
+    its own. A psycopg cursor class holds the thread in that window."""
+    make_orders(env)
+    topic = env.topic()
+    in_window = threading.Event()
+    release = threading.Event()
+
+    class HeldCursor(psycopg.Cursor[Any]):
+        def execute(self, query: Any, params: Any = None, **kwargs: Any) -> HeldCursor:
+            if isinstance(query, str) and query.endswith("(2, 2)"):
+                in_window.set()
+                release.wait(30)
+            super().execute(query, params, **kwargs)
+            return self
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.cursor_factory = HeldCursor
+
+    late: list[BaseException | None] = []
+    done = threading.Event()
+
+    def on_step(step: Step, gid: Any) -> None:
+        if step is Step.AFTER_PREPARE:  # the window the thread must not reach
+            release.set()
+            done.wait(30)
+
+    def other_thread(tx: Any) -> None:
+        try:
+            tx.execute("INSERT INTO orders (id, total) VALUES (2, 2)")
+        except BaseException as exc:  # reported to the test
+            late.append(exc)
+        else:
+            late.append(None)
+        done.set()
+
+    # two connections: one is the instance lock's session
+    with ConnectionPool(env.dsn, min_size=2, max_size=2, configure=configure) as pool:
+        coord = env.coordinator(postgres=pool, on_step=on_step)
+        tx = coord.transaction()
+        with pytest.raises(RolledBack), tx:
+            tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+            tx.produce(topic, value=b"x" * 2_000_000)  # refused by Kafka
+            worker = threading.Thread(target=other_thread, args=(tx,))
+            worker.start()
+            assert in_window.wait(30)
+            # Let the thread go right after PREPARE, or -- where the end of the
+            # block waits for it -- after a while.
+            threading.Timer(1.0, release.set).start()
+        worker.join(30)
+        coord.close()
+    assert late == [None]  # it ran, inside the transaction
+    assert tx.status is Status.ROLLED_BACK
+    assert env.ids() == [] and env.prepared() == []
+    assert env.read(topic) == []
