@@ -11,7 +11,7 @@
    reach PostgreSQL and Kafka through Toxiproxy; recovery and the checker connect directly.
    ``--driver async``: the clients run their operations through an ``AsyncCoordinator``
    (``--threads`` asyncio tasks per process; ``tests/faults/aworkload.py``), with the same
-   plan, hooks, log and checker.
+   plan, hooks, log and checker; the pipeline stages run ``AsyncCoordinator.run_consumer``.
 3. Meanwhile the recovery command runs every few seconds (``python -m recovery ... --json``,
    like a CronJob), and even-numbered workers call ``recovery.recover_own`` at start-up.
 4. After the last phase: every fault healed, recovery runs until it exits 0 with nothing
@@ -135,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--driver", choices=("sync", "async"), default="sync",
                    help="the clients' coordinator: sync (Coordinator; --threads threads, "
                    "the default) or async (AsyncCoordinator; --threads asyncio tasks on one "
-                   "event loop); the pipeline stages stay synchronous")
+                   "event loop); the pipeline stages likewise run Coordinator.run_consumer or "
+                   "AsyncCoordinator.run_consumer")
     p.add_argument("--messages-per-op", type=int, default=2)
     p.add_argument("--jitter-kafka-ms", type=float, default=12.0,
                    help="kill:during_commit kills up to this long after commit_transaction() "

@@ -126,7 +126,8 @@ class PipelinePhase:
                "--postgres", services.proxy_dsn, "--bootstrap", services.proxy_bootstrap,
                "--name", NAME, "--instance", instance, "--group", self.group, "--source",
                self.source, "--sink", self.pipe.sink, "--table", TABLE, "--decision-topic",
-               self.pipe.decision_topic, "--phase", str(self.idx)]
+               self.pipe.decision_topic, "--phase", str(self.idx),
+               "--driver", self.pipe.s.driver]
         if recover_own:
             cmd.append("--recover-own")
         return cmd

@@ -2,12 +2,14 @@
 
 Run by the campaign as ``python -m tests.faults.stage --plan PLAN.json --log LOG.jsonl
 --postgres DSN --bootstrap SERVERS --name N --instance I --group G --source T --sink T
---table TBL --decision-topic D --phase K [--recover-own]``; after a crash the campaign
-starts it again with the same arguments (the same instance id, as an orchestrator would).
+--table TBL --decision-topic D --phase K [--driver async] [--recover-own]``; after a crash
+the campaign starts it again with the same arguments (the same instance id, as an
+orchestrator would).
 
 The stage opens a coordinator, resolves its instance's earlier in-doubt transactions with
 ``recovery.recover_own`` (``--recover-own``: the even-numbered stages; the others leave
-theirs to the recovery command), and runs ``Coordinator.run_consumer`` on a
+theirs to the recovery command), and runs ``Coordinator.run_consumer`` (``--driver async``:
+``AsyncCoordinator.run_consumer``, whose worker threads then fire the crash hooks) on a
 ``read_committed`` consumer of group ``--group`` (``enable.auto.commit=false``,
 ``session.timeout.ms`` 6000) until SIGTERM. Each batch is one coordinated transaction --
 its *label* is ``<phase>.<instance>.<incarnation>.<n>`` -- that inserts one row per input
@@ -45,6 +47,8 @@ gid}; ``failed`` {error} when
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -61,10 +65,22 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from psycopg import sql
 
 import recovery
-from coordinator import Coordinator, CoordinatorConfig, DecisionTopic, Step, Transaction
+from coordinator import (
+    AsyncCoordinator,
+    AsyncTransaction,
+    ConsumerStats,
+    Coordinator,
+    CoordinatorConfig,
+    DecisionTopic,
+    Step,
+    Transaction,
+)
 from tests.crash import worker as crash_worker
 
 __all__ = ["SESSION_TIMEOUT_MS", "Stage", "StageConsumer", "main"]
+
+CLOSE_SECONDS = 10.0
+"""How long the stage waits for its consumer and its coordinator to close at the end."""
 
 SESSION_TIMEOUT_MS = 6000
 """The stages' ``session.timeout.ms`` (the brokers' minimum): an armed pause lasts longer."""
@@ -92,10 +108,11 @@ class Stage:
         self.args = args
         self.state = state
         self.arms = arms
+        self.incarnation = incarnation
         self.prefix = f"{args.phase}.{args.instance}.{incarnation}"
         self.count = 0
         self.since_fired = 0
-        self.current: tuple[Transaction, str] | None = None
+        self.current: tuple[Transaction | AsyncTransaction, str] | None = None
         self.armed: dict[str, Any] | None = None
         self.waiting_since: float | None = None
         self.lose: str | None = None
@@ -112,6 +129,20 @@ class Stage:
 
     def handle(self, tx: Transaction, messages: Sequence[Message]) -> None:
         """One row and one output message per input message, in ``tx``."""
+        params, msgs = self.begin(tx, messages)
+        tx.execute(self.insert, params)
+        self.produce(tx, msgs)
+
+    async def ahandle(self, tx: AsyncTransaction, messages: Sequence[Message]) -> None:
+        """:meth:`handle` for ``AsyncCoordinator.run_consumer`` (``--driver async``)."""
+        params, msgs = self.begin(tx, messages)
+        await tx.execute(self.insert, params)
+        self.produce(tx, msgs)
+
+    def begin(self, tx: Transaction | AsyncTransaction, messages: Sequence[Message],
+              ) -> tuple[tuple[Any, ...], list[list[Any]]]:
+        """Arm the batch's transaction, log it; the insert's parameters and the batch as
+        ``[in_id, partition, offset]`` rows."""
         self.settle()
         self.reasons.last = None
         self.count += 1
@@ -138,12 +169,18 @@ class Stage:
                 for m in messages]
         st.emit(event="batch", tx=label, arm=None if arm is None else arm["arm"], msgs=msgs,
                 t=time.time())
-        tx.execute(self.insert, (int(self.args.phase), label, self.args.instance,
-                                 [m[1] for m in msgs], [m[2] for m in msgs],
-                                 [m[0] for m in msgs]))
+        params = (int(self.args.phase), label, self.args.instance, [m[1] for m in msgs],
+                  [m[2] for m in msgs], [m[0] for m in msgs])
+        return params, msgs
+
+    def produce(self, tx: Transaction | AsyncTransaction, msgs: list[list[Any]]) -> None:
         for key, part, off in msgs:
             tx.produce(self.args.sink, key=str(key), value=json.dumps(
-                {"in": key, "src": f"{part}:{off}", "tx": label}, sort_keys=True))
+                {"in": key, "src": f"{part}:{off}", "tx": self.current_label()}, sort_keys=True))
+
+    def current_label(self) -> str:
+        assert self.current is not None
+        return self.current[1]
 
     def on_step(self, step: Step, gid: str | None) -> None:
         """``CoordinatorConfig.on_step``: the gid of every transaction right before its
@@ -267,9 +304,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4,
                    help="run_consumer's batch_size (default 4: many transactions)")
     p.add_argument("--transaction-timeout-ms", type=int, default=10_000)
+    p.add_argument("--driver", choices=("sync", "async"), default="sync",
+                   help="Coordinator.run_consumer (sync) or AsyncCoordinator.run_consumer")
     p.add_argument("--recover-own", action="store_true",
                    help="run recovery.recover_own right after the coordinator opened")
     return p
+
+
+OWN_RECOVERY = recovery.RecoveryConfig(kafka_timeout=10.0, lso_wait_seconds=15.0,
+                                       lock_wait_seconds=10.0)
+"""``--recover-own``'s settings."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,8 +321,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s {args.instance} %(levelname)s %(name)s "
                         "%(message)s")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     log_path = Path(args.log)
     incarnation, fired = _resume(log_path)
     out = log_path.open("a", encoding="utf-8")
@@ -288,26 +330,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     arms = [a for a in json.loads(Path(args.plan).read_text(encoding="utf-8"))["arms"]
             if str(a["arm"]) not in fired]
     stage = Stage(args, state, arms, incarnation)
-    kafka = {"bootstrap.servers": args.bootstrap}
     config = CoordinatorConfig(
         decision_topic=DecisionTopic(name=args.decision_topic,
                                      partitions=args.decision_partitions),
         producers=1, transaction_timeout_ms=args.transaction_timeout_ms, kafka_timeout=10.0,
         startup_timeout=20.0, producer_factory=stage.producer_factory,
         on_step=stage.on_step, connection_timeout=10.0, pool_max_size=4)
-    coord = Coordinator(args.postgres, kafka, args.name, instance=args.instance, config=config)
-    coord.open()  # fails (non-zero exit) while a service is down: the campaign retries
-    state.emit(event="start", pid=os.getpid(), instance=args.instance, incarnation=incarnation,
-               arms_left=len(arms), t=time.time())
-    if args.recover_own:
-        try:
-            report = recovery.recover_own(coord, kafka, recovery.RecoveryConfig(
-                kafka_timeout=10.0, lso_wait_seconds=15.0, lock_wait_seconds=10.0))
-            state.emit(event="recover_own", committed=report.committed,
-                       rolled_back=report.rolled_back, skipped=report.skipped,
-                       remaining=[r.gid for r in report.remaining], t=time.time())
-        except Exception as exc:  # best effort here; the campaign's recovery runs follow
-            state.emit(event="recover_own_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+    run = _arun if args.driver == "async" else _run
+    code = run(args, stage, config, {"bootstrap.servers": args.bootstrap})
+    out.close()
+    os._exit(code)  # no interpreter shutdown: librdkafka threads may linger after a fault
+
+
+def _consumer(args: argparse.Namespace, stage: Stage) -> StageConsumer:
     consumer = StageConsumer({
         "bootstrap.servers": args.bootstrap, "group.id": args.group,
         "enable.auto.commit": False, "isolation.level": "read_committed",
@@ -315,26 +350,97 @@ def main(argv: Sequence[str] | None = None) -> int:
         "heartbeat.interval.ms": 500})
     consumer.stage = stage
     consumer.subscribe([args.source])
-    code = 0
+    return consumer
+
+
+def _started(args: argparse.Namespace, stage: Stage) -> None:
+    stage.state.emit(event="start", pid=os.getpid(), instance=args.instance,
+                     incarnation=stage.incarnation,
+                     arms_left=len(stage.arms), driver=args.driver, t=time.time())
+
+
+def _recovered(stage: Stage, report: recovery.RecoveryReport | BaseException) -> None:
+    if isinstance(report, BaseException):  # best effort; the campaign's recovery runs follow
+        stage.state.emit(event="recover_own_failed",
+                         error=f"{type(report).__name__}: {report}"[:300])
+    else:
+        stage.state.emit(event="recover_own", committed=report.committed,
+                         rolled_back=report.rolled_back, skipped=report.skipped,
+                         remaining=[r.gid for r in report.remaining], t=time.time())
+
+
+def _ended(stage: Stage, stats: ConsumerStats | BaseException) -> int:
+    """Log how ``run_consumer`` ended; the process's exit status."""
+    stage.settle()
+    if isinstance(stats, BaseException):
+        stage.state.emit(event="failed", error=type(stats).__name__, detail=str(stats)[:300],
+                         trace="".join(traceback.format_exception(stats))[-1500:],
+                         t=time.time())
+        return 3
+    stage.state.emit(event="end", batches=stats.batches, messages=stats.messages,
+                     retries=stats.retries, handler_failures=stats.handler_failures,
+                     in_doubt=len(stats.in_doubt), t=time.time())
+    return 0
+
+
+def _run(args: argparse.Namespace, stage: Stage, config: CoordinatorConfig,
+         kafka: dict[str, Any]) -> int:
+    """The stage on a :class:`Coordinator`, until SIGTERM."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    coord = Coordinator(args.postgres, kafka, args.name, instance=args.instance, config=config)
+    coord.open()  # fails (non-zero exit) while a service is down: the campaign retries
+    _started(args, stage)
+    if args.recover_own:
+        try:
+            _recovered(stage, recovery.recover_own(coord, kafka, OWN_RECOVERY))
+        except Exception as exc:
+            _recovered(stage, exc)
+    consumer = _consumer(args, stage)
     try:
-        stats = coord.run_consumer(consumer, stage.handle, batch_size=args.batch_size,
-                                   batch_timeout=0.2, stop=stop)
-        stage.settle()
-        state.emit(event="end", batches=stats.batches, messages=stats.messages,
-                   retries=stats.retries, handler_failures=stats.handler_failures,
-                   in_doubt=len(stats.in_doubt), t=time.time())
+        code = _ended(stage, coord.run_consumer(consumer, stage.handle,
+                                                batch_size=args.batch_size,
+                                                batch_timeout=0.2, stop=stop))
     except Exception as exc:
-        stage.settle()
-        state.emit(event="failed", error=type(exc).__name__, detail=str(exc)[:300],
-                   trace=traceback.format_exc()[-1500:], t=time.time())
-        code = 3
-    out.close()
+        code = _ended(stage, exc)
     for close in (consumer.close, coord.close):  # bounded: a fault may still be on
         closer = threading.Thread(target=close, daemon=True)
         closer.start()
-        closer.join(10)
-    os._exit(code)  # no interpreter shutdown: librdkafka threads may linger after a fault
+        closer.join(CLOSE_SECONDS)
+    return code
 
+
+def _arun(args: argparse.Namespace, stage: Stage, config: CoordinatorConfig,
+          kafka: dict[str, Any]) -> int:
+    """The stage on an :class:`AsyncCoordinator` (``--driver async``), until SIGTERM."""
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        coord = AsyncCoordinator(args.postgres, kafka, args.name, instance=args.instance,
+                                 config=config)
+        await coord.open()  # fails while a service is down: the campaign retries
+        _started(args, stage)
+        if args.recover_own:
+            try:
+                _recovered(stage, await recovery.arecover_own(coord, kafka, OWN_RECOVERY))
+            except Exception as exc:
+                _recovered(stage, exc)
+        consumer = _consumer(args, stage)
+        try:
+            code = _ended(stage, await coord.run_consumer(
+                consumer, stage.ahandle, batch_size=args.batch_size, batch_timeout=0.2,
+                stop=stop))
+        except Exception as exc:
+            code = _ended(stage, exc)
+        closer = threading.Thread(target=consumer.close, daemon=True)
+        closer.start()
+        with contextlib.suppress(TimeoutError):  # bounded: a fault may still be on
+            await asyncio.wait_for(coord.close(), CLOSE_SECONDS)
+        await asyncio.to_thread(closer.join, CLOSE_SECONDS)
+        return code
+
+    return asyncio.new_event_loop().run_until_complete(run())
 
 if __name__ == "__main__":
     sys.exit(main())
