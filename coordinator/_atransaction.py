@@ -92,7 +92,7 @@ class AsyncTransaction(TransactionCore):
     ) -> None:
         # The rollback of a failed block is shielded too: cancelled half-way, it
         # would leave the connection out of its pool.
-        procedure = asyncio.ensure_future(self._drive(self._exit_flow(exc)))
+        procedure = asyncio.ensure_future(self._end(self._exit_flow(exc)))
         cancelled: asyncio.CancelledError | None = None
         while not procedure.done():
             try:
@@ -110,6 +110,17 @@ class AsyncTransaction(TransactionCore):
             raise cancelled
         if error is not None:
             raise error
+
+    async def _end(self, flow: Flow[None]) -> None:
+        """The block's end, once the statements other tasks had in flight when it
+        ended are answered (psycopg's connection lock is first come, first served;
+        the block is marked ended, so later ones are refused): the procedure then
+        sees the transaction as they left it."""
+        conn = self._conn
+        if conn is not None:
+            async with conn.lock:
+                pass
+        await self._drive(flow)
 
     # -- the driver ----------------------------------------------------------
 

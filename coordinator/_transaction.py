@@ -27,7 +27,7 @@ from ._effects import (
     execute_sync,
     run_now,
 )
-from ._txcore import TransactionCore
+from ._txcore import Headers, TransactionCore
 from .prepared import Connection
 
 if TYPE_CHECKING:
@@ -55,11 +55,13 @@ class Transaction(TransactionCore):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._statements = threading.Lock()
-        """Held by :meth:`execute` from its check to its answer, and by the block's
-        end while it marks the block ended: a statement from another thread runs
-        wholly inside the transaction or is refused, never after PREPARE.
-        (psycopg's own connection lock is not first come, first served.)"""
+        self._statements = threading.RLock()
+        """Held by :meth:`execute` and :meth:`produce` from their check to their
+        end; the block's end marks the block ended, then waits for it: a
+        statement or message from another thread is wholly inside the transaction
+        or refused, never run after PREPARE or dropped. (psycopg's own connection
+        lock is not first come, first served.) Re-entrant: a cursor class may call
+        :meth:`execute`."""
 
     @property
     def connection(self) -> Connection:
@@ -87,6 +89,20 @@ class Transaction(TransactionCore):
         with self._statements:
             return self.connection.execute(query, params)
 
+    def produce(
+        self,
+        topic: str,
+        value: bytes | str | None = None,
+        key: bytes | str | None = None,
+        headers: Headers | None = None,
+        partition: int | None = None,
+    ) -> None:
+        """Stage a message; it is produced in the Kafka transaction at commit.
+        From another thread: staged, or refused with :class:`UsageError` once the
+        block has ended -- never accepted and then left out."""
+        with self._statements:
+            super().produce(topic, value, key, headers, partition)
+
     def __enter__(self) -> Self:
         self._drive(self._enter_flow())
         return self
@@ -97,8 +113,14 @@ class Transaction(TransactionCore):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with self._statements:  # waits for a statement another thread has in flight
-            flow = self._exit_flow(exc)
+        flow = self._exit_flow(exc)  # the block is ended: later statements are refused
+        try:
+            with self._statements:  # waits for a statement another thread has in flight
+                pass
+        except BaseException as stop:  # an interrupt while waiting: roll back
+            flow.close()
+            self._drive(self._exit_steps(stop))  # queued behind that statement
+            raise
         self._drive(flow)
 
     # -- the driver ----------------------------------------------------------

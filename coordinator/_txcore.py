@@ -281,6 +281,7 @@ class TransactionCore:
 
     def _commit(self) -> Flow[None]:
         coord = self._coord
+        _, committer = coord._ready()  # closed meanwhile: nothing commits, even in one phase
         conn = self._conn
         assert conn is not None
         state = conn.info.transaction_status
@@ -301,7 +302,6 @@ class TransactionCore:
         if not self._messages and self._consumed is None:
             yield from self._commit_one_phase()
             return
-        _, committer = coord._ready()
         topics = {m.topic for m in self._messages}
         timeout = coord.config.connection_timeout
         try:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -422,3 +424,181 @@ def test_a_statement_from_another_thread_runs_inside_the_transaction_or_not_at_a
     assert tx.status is Status.ROLLED_BACK
     assert env.ids() == [] and env.prepared() == []
     assert env.read(topic) == []
+
+
+@pytest.mark.sync_only
+def test_an_interrupt_while_the_block_end_waits_for_another_thread_rolls_back(
+        env: Env) -> None:
+    """Ctrl-C (SIGINT in the main thread) while the block's end waits for a statement
+    another thread has in flight: the transaction must still roll back and give its
+    connection back (the interrupt came before the exit procedure had started, and
+    skipped it: the session stayed idle in transaction, its connection out of the
+    pool, and the transaction took statements after its block)."""
+    assert threading.current_thread() is threading.main_thread()
+    make_orders(env)
+    topic = env.topic()
+    in_flight = threading.Event()
+
+    def other_thread(tx: Any) -> None:
+        in_flight.set()
+        tx.execute("SELECT pg_sleep(1.5)")
+
+    def interrupt() -> None:
+        # The main thread waits for the statement by now (it runs for 1.5 s).
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    with ConnectionPool(env.dsn, min_size=2, max_size=2) as pool:  # one: the lock's
+        coord = env.coordinator(postgres=pool)
+        tx = coord.transaction()
+        worker = threading.Thread(target=other_thread, args=(tx,))
+        with pytest.raises(KeyboardInterrupt), tx:
+            tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+            tx.produce(topic, value=b"one")
+            worker.start()
+            assert in_flight.wait(10)
+            threading.Timer(0.5, interrupt).start()
+        worker.join(10)
+        assert tx.status is Status.ROLLED_BACK
+        with pytest.raises(UsageError):
+            tx.execute("INSERT INTO orders (id, total) VALUES (2, 2)")
+        pool.getconn(timeout=5).close()  # the transaction's connection is back
+        assert idle_in_transaction(env) == 0
+        coord.close()
+    assert env.ids() == [] and env.prepared() == []
+    assert env.read(topic) == []
+
+
+@pytest.mark.sync_only
+@pytest.mark.parametrize("main_message", [False, True], ids=["one-phase", "two-phase"])
+def test_a_message_staged_from_another_thread_is_published_or_refused(
+        env: Env, main_message: bool) -> None:
+    """A thread's ``produce()`` that passed the "block still open" check while the
+    block ends (held there by a slow headers iterable): it returned normally, its row
+    committed, and its message was left out -- the one-phase check or the Kafka
+    transaction had already read the staged messages."""
+    make_orders(env)
+    topic = env.topic()
+    coord = env.coordinator()
+    tx = coord.transaction()
+    in_window = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def slow_headers() -> Any:
+        in_window.set()
+        time.sleep(1.0)
+        yield ("h", b"v")
+
+    def other_thread() -> None:
+        try:
+            tx.execute("INSERT INTO orders (id, total) VALUES (2, 2)")
+            tx.produce(topic, value=b"two", headers=slow_headers())
+        except BaseException as exc:  # reported to the test
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    worker = threading.Thread(target=other_thread)
+    with tx:
+        tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+        if main_message:
+            tx.produce(topic, value=b"one")
+        worker.start()
+        assert in_window.wait(10)
+    worker.join(10)
+    assert tx.status is Status.COMMITTED
+    assert outcome == [None]  # staged before the block's end went on
+    assert env.ids() == [1, 2]
+    assert sorted(r.value or b"" for r in env.read(topic)) == [b"one", b"two"][not main_message:]
+
+
+@pytest.mark.sync_only
+def test_a_cursor_class_may_run_a_statement_through_the_transaction(env: Env) -> None:
+    """A psycopg cursor class that writes an audit row through ``tx.execute`` before
+    each INSERT (re-entering ``tx.execute`` in the same thread) must not deadlock."""
+    make_orders(env)
+    env.execute("CREATE TABLE audit (id int NOT NULL)")
+    topic = env.topic()
+    current: list[Any] = []
+
+    class AuditCursor(psycopg.Cursor[Any]):
+        def execute(self, query: Any, params: Any = None, **kwargs: Any) -> AuditCursor:
+            if current and isinstance(query, str) and query.startswith("INSERT INTO orders"):
+                current[0].execute("INSERT INTO audit (id) VALUES (1)")
+            super().execute(query, params, **kwargs)
+            return self
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.cursor_factory = AuditCursor
+
+    with ConnectionPool(env.dsn, min_size=2, max_size=2, configure=configure) as pool:
+        coord = env.coordinator(postgres=pool)
+        tx = coord.transaction()
+        done = threading.Event()
+
+        def block() -> None:
+            with tx:
+                current.append(tx)
+                tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+                tx.produce(topic, value=b"one")
+            done.set()
+
+        runner = threading.Thread(target=block, daemon=True)  # a deadlock stays here
+        runner.start()
+        assert done.wait(30), "tx.execute deadlocked when re-entered"
+        coord.close()
+    assert tx.status is Status.COMMITTED
+    assert env.execute("SELECT id FROM audit") == [(1,)]
+    assert env.ids() == [1]
+
+
+def test_closing_the_coordinator_mid_block_rolls_back_without_messages(env: Env) -> None:
+    """The coordinator closed while a block without messages is open: nothing may
+    commit (the one-phase COMMIT went ahead)."""
+    make_orders(env)
+
+    async def close_async(coord: Any) -> None:
+        async with coord.transaction() as tx:
+            await tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+            await coord.close()
+
+    if env.driver == "async":
+        async def main() -> None:
+            async with acoordinator(env, env.dsn) as coord:
+                with pytest.raises(UsageError):
+                    await close_async(coord)
+        asyncio.run(main())
+    else:
+        coord = env.coordinator()
+        tx = coord.transaction()
+        with pytest.raises(UsageError), tx:
+            tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+            coord.close()
+        assert tx.status is Status.ROLLED_BACK
+    assert env.ids() == [] and env.prepared() == []
+    assert idle_in_transaction(env) == 0
+
+
+@pytest.mark.sync_only
+def test_async_a_statement_of_another_task_in_flight_at_the_block_end(env: Env) -> None:
+    """Another task's ``tx.execute`` still running when the block ends: the commit
+    must wait for its answer (it read the connection's state while the statement ran,
+    and rolled everything back with a UsageError about commit()/rollback())."""
+    make_orders(env)
+    topic = env.topic()
+
+    async def main() -> tuple[Status, Any]:
+        async with acoordinator(env, env.dsn) as coord:
+            tx = coord.transaction()
+            async with tx:
+                await tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+                tx.produce(topic, value=b"one")
+                other = asyncio.create_task(
+                    tx.execute("INSERT INTO orders SELECT 2, 2 FROM pg_sleep(0.5)"))
+                await asyncio.sleep(0.1)  # its statement is in flight
+            await other
+            return tx.status, other.exception()
+
+    status, other_error = asyncio.run(main())
+    assert status is Status.COMMITTED and other_error is None
+    assert env.ids() == [1, 2]
+    assert [r.value for r in env.read(topic)] == [b"one"]
