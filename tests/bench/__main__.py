@@ -133,6 +133,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "naive dual-write, at each --tasks count, on one event loop")
     ap.add_argument("--tasks", default="32,256",
                     help="asyncio task counts of --asyncio, comma-separated")
+    ap.add_argument("--uvloop", action="store_true",
+                    help="--asyncio on uvloop's event loop instead of asyncio's own")
     ap.add_argument("--async-pool", type=int, default=64,
                     help="connection pool size of both --asyncio paths (at most the highest "
                     "--tasks; PostgreSQL's max_prepared_transactions bounds (h)'s)")

@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import math
 import os
 import statistics
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,19 @@ async def _measure_all(args: argparse.Namespace, env: Services, counts: list[int
                 say(f"bench: closing {impl.name}: {exc!r}")
 
 
+def _loop_factory(uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """``--uvloop``: uvloop's event loop (installed by ``scripts/bench --uvloop``)."""
+    if not uvloop:
+        return None
+    try:
+        uv = importlib.import_module("uvloop")  # not a dependency of the library
+    except ImportError as exc:
+        raise SystemExit("bench --uvloop: uvloop is not installed (pip install uvloop)") \
+            from exc
+    factory: Callable[[], asyncio.AbstractEventLoop] = uv.new_event_loop
+    return factory
+
+
 def run_mode(args: argparse.Namespace, out_dir: Path) -> tuple[str, float]:
     """Measure, write ``bench-asyncio.md/.json``; the report and (h)/(i) at 256 tasks."""
     env = Services.from_env()
@@ -195,8 +209,9 @@ def run_mode(args: argparse.Namespace, out_dir: Path) -> tuple[str, float]:
     tables.create()
     create_topics(env.brokers, list(topics.values()), args.partitions)
     try:
-        results = asyncio.run(_measure_all(args, env, counts, tables, topics, instance,
-                                           pool_size))
+        with asyncio.Runner(loop_factory=_loop_factory(args.uvloop)) as runner:
+            results = runner.run(_measure_all(args, env, counts, tables, topics, instance,
+                                              pool_size))
     finally:
         left = rollback_own_prepared(env.dsn, [instance])
         if left:
@@ -212,6 +227,7 @@ def run_mode(args: argparse.Namespace, out_dir: Path) -> tuple[str, float]:
         "command": ("scripts/bench " + " ".join(sys.argv[1:])).strip(),
         "runs": args.runs, "warmup_s": args.warmup, "duration_s": args.duration,
         "tasks": counts, "pool_size": pool_size, "producers": args.producers,
+        "event_loop": "uvloop" if args.uvloop else "asyncio",
         "group_commit": {"max_wait": args.max_wait, "max_batch": args.max_batch},
         "topic_partitions": args.partitions, "elapsed_s": round(elapsed, 1),
         "loadavg_at_end": os.getloadavg(),
