@@ -59,6 +59,10 @@ class AsyncTransaction(TransactionCore):
     """
 
     _coord: AsyncCoordinator
+    _in_flight = 0
+    """Statements of :meth:`execute` past their check and not yet answered."""
+    _calls_done: asyncio.Event | None = None
+    """Set when the last of them ends, while the block's end waits for them."""
 
     @property
     def connection(self) -> AsyncConnection:
@@ -77,8 +81,17 @@ class AsyncTransaction(TransactionCore):
 
     async def execute(self, query: Query,
                       params: Any = None) -> psycopg.AsyncCursor[tuple[object, ...]]:
-        """Execute a statement in the transaction; returns the cursor."""
-        return await self.connection.execute(query, params)
+        """Execute a statement in the transaction; returns the cursor. A statement
+        another task still has in flight when the block ends is waited for (it is
+        part of the transaction); one started after it is refused."""
+        conn = self.connection  # the check
+        self._in_flight += 1
+        try:
+            return await conn.execute(query, params)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight and self._calls_done is not None:
+                self._calls_done.set()
 
     async def __aenter__(self) -> Self:
         await self._drive(self._enter_flow())
@@ -117,7 +130,10 @@ class AsyncTransaction(TransactionCore):
         the block is marked ended, so later ones are refused): the procedure then
         sees the transaction as they left it."""
         conn = self._conn
-        if conn is not None:
+        if self._in_flight:  # statements of other tasks, past their check
+            self._calls_done = asyncio.Event()
+            await self._calls_done.wait()
+        if conn is not None:  # and any on the connection itself (its lock is FIFO)
             async with conn.lock:
                 pass
         await self._drive(flow)

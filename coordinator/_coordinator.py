@@ -119,6 +119,7 @@ class Coordinator(CoordinatorBase):
             conn: Connection = self._pool.getconn(timeout=self.config.startup_timeout)
         except Exception as exc:
             raise pg_startup_error(exc) from None
+        autocommit = conn.autocommit  # the pool's own setting, given back as it was
         try:
             conn.autocommit = True
             yield conn
@@ -127,7 +128,7 @@ class Coordinator(CoordinatorBase):
         finally:
             if conn is not self._lock_conn:
                 with contextlib.suppress(psycopg.Error):
-                    conn.autocommit = False
+                    conn.autocommit = autocommit
                 self._pool.putconn(conn)
 
     def _close_resources(self) -> None:

@@ -3,7 +3,10 @@ the protocol's steps (``_txcore.py``) ask for, on the spot."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -55,13 +58,13 @@ class Transaction(TransactionCore):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._statements = threading.RLock()
-        """Held by :meth:`execute` and :meth:`produce` from their check to their
-        end; the block's end marks the block ended, then waits for it: a
-        statement or message from another thread is wholly inside the transaction
-        or refused, never run after PREPARE or dropped. (psycopg's own connection
-        lock is not first come, first served.) Re-entrant: a cursor class may call
-        :meth:`execute`."""
+        self._calls = threading.Condition(threading.RLock())
+        """Guards the "block still open" check of :meth:`execute` and
+        :meth:`produce`, the count of statements in flight and the staging of a
+        message. Held only for those short steps, never while a statement runs:
+        psycopg's connection lock is never taken under it."""
+        self._in_flight = 0
+        """Statements of :meth:`execute` past their check and not yet answered."""
 
     @property
     def connection(self) -> Connection:
@@ -82,12 +85,20 @@ class Transaction(TransactionCore):
         """Execute a statement in the transaction; returns the cursor.
 
         Safe to call from other threads while the block runs: a statement still
-        running when the block ends is waited for, and one started after it is
-        refused with :class:`UsageError`. (Statements run directly on
-        :attr:`connection` or :attr:`session` from other threads must end before
-        the block does.)"""
-        with self._statements:
-            return self.connection.execute(query, params)
+        running when the block ends is waited for (it is part of the
+        transaction), one started after it is refused with :class:`UsageError`.
+        (Statements run directly on :attr:`connection` or :attr:`session` from
+        other threads must end before the block does.)"""
+        with self._calls:
+            conn = self.connection  # the check
+            self._in_flight += 1
+        try:
+            return conn.execute(query, params)
+        finally:
+            with self._calls:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._calls.notify_all()
 
     def produce(
         self,
@@ -100,7 +111,7 @@ class Transaction(TransactionCore):
         """Stage a message; it is produced in the Kafka transaction at commit.
         From another thread: staged, or refused with :class:`UsageError` once the
         block has ended -- never accepted and then left out."""
-        with self._statements:
+        with self._calls:
             super().produce(topic, value, key, headers, partition)
 
     def __enter__(self) -> Self:
@@ -113,15 +124,46 @@ class Transaction(TransactionCore):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        flow = self._exit_flow(exc)  # the block is ended: later statements are refused
+        flow = self._exit_flow(exc)  # the block is ended: later calls are refused
         try:
-            with self._statements:  # waits for a statement another thread has in flight
-                pass
-        except BaseException as stop:  # an interrupt while waiting: roll back
+            self._wait_for_calls()
+            self._drive(flow)
+        except BaseException as stop:
+            if inspect.getgeneratorstate(flow) != inspect.GEN_CREATED:
+                raise  # the procedure ran, and handled it
+            # Interrupted before the procedure started: roll back instead, once no
+            # other thread's statement can still reach the connection.
             flow.close()
-            self._drive(self._exit_steps(stop))  # queued behind that statement
+            self._cancel_calls()
+            self._drive(self._exit_steps(stop))
             raise
-        self._drive(flow)
+
+    def _wait_for_calls(self) -> None:
+        """Until every call past its check has ended (the block is marked ended)."""
+        with self._calls:
+            while self._in_flight:
+                self._calls.wait()
+
+    def _cancel_calls(self) -> None:
+        """After an interrupt: cancel other threads' statements and wait for them
+        (the cancel is sent again each second; further interrupts are ignored
+        meanwhile, the first one is raised after the rollback), so that the
+        connection is never given back while one of them can still run on it."""
+        conn, again = self._conn, 0.0
+        while True:
+            try:
+                with self._calls:
+                    if not self._in_flight:
+                        return
+                if conn is not None and time.monotonic() >= again:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.cancel_safe(timeout=1.0)
+                    again = time.monotonic() + 1.0
+                with self._calls:
+                    if self._in_flight:
+                        self._calls.wait(0.1)
+            except BaseException:  # a further Ctrl-C: the first one is raised
+                continue
 
     # -- the driver ----------------------------------------------------------
 

@@ -219,11 +219,13 @@ class TransactionCore:
         if self.status is not Status.ACTIVE:  # entering failed
             return
         if exc is not None:
-            yield from self._abandon(Event.BLOCK_FAILED)
-            yield from self._rewind()
+            try:
+                yield from self._abandon(Event.BLOCK_FAILED)
+                yield from self._rewind()
+            finally:  # even when interrupted meanwhile: observers hear the end
+                self._ended(exc, Phase.EXECUTE)
             log.debug("%s rolled back: the block raised %s", self._log_id,
                       type(exc).__name__, extra=self._extra(Phase.EXECUTE))
-            self._ended(exc, Phase.EXECUTE)
             return  # the block's exception propagates unchanged
         try:
             yield from self._commit()

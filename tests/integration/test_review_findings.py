@@ -439,9 +439,14 @@ def test_an_interrupt_while_the_block_end_waits_for_another_thread_rolls_back(
     topic = env.topic()
     in_flight = threading.Event()
 
+    cancelled: list[BaseException] = []
+
     def other_thread(tx: Any) -> None:
         in_flight.set()
-        tx.execute("SELECT pg_sleep(1.5)")
+        try:
+            tx.execute("SELECT pg_sleep(1.5)")
+        except psycopg.errors.QueryCanceled as exc:  # by the interrupt's rollback
+            cancelled.append(exc)
 
     def interrupt() -> None:
         # The main thread waits for the statement by now (it runs for 1.5 s).
@@ -458,7 +463,7 @@ def test_an_interrupt_while_the_block_end_waits_for_another_thread_rolls_back(
             assert in_flight.wait(10)
             threading.Timer(0.5, interrupt).start()
         worker.join(10)
-        assert tx.status is Status.ROLLED_BACK
+        assert tx.status is Status.ROLLED_BACK and len(cancelled) == 1
         with pytest.raises(UsageError):
             tx.execute("INSERT INTO orders (id, total) VALUES (2, 2)")
         pool.getconn(timeout=5).close()  # the transaction's connection is back
@@ -602,3 +607,231 @@ def test_async_a_statement_of_another_task_in_flight_at_the_block_end(env: Env) 
     assert status is Status.COMMITTED and other_error is None
     assert env.ids() == [1, 2]
     assert [r.value for r in env.read(topic)] == [b"one"]
+
+
+# -- threads: interrupts while other threads' statements are in flight ------------
+
+
+def _interrupt_main_thread() -> None:
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+
+@pytest.mark.sync_only
+def test_after_an_interrupt_no_statement_of_another_thread_runs_on_the_given_back_connection(
+        env: Env) -> None:
+    """Ctrl-C while the block's end waits for a thread whose ``tx.execute`` passed its
+    check but has not reached psycopg yet (its cursor class does some work first).
+    The rollback gave the connection back before that thread was done: its INSERT
+    then ran on the pooled connection, outside the rolled-back transaction, and the
+    pool's next user committed it."""
+    assert threading.current_thread() is threading.main_thread()
+    make_orders(env)
+    topic = env.topic()
+    in_cursor = threading.Event()
+
+    class SlowCursor(psycopg.Cursor[Any]):
+        def execute(self, query: Any, params: Any = None, **kwargs: Any) -> SlowCursor:
+            if threading.current_thread().name == "other":
+                in_cursor.set()
+                time.sleep(1.5)  # a cursor class's own bookkeeping
+            super().execute(query, params, **kwargs)
+            return self
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.cursor_factory = SlowCursor
+
+    errors: list[BaseException] = []
+
+    def other_thread(tx: Any) -> None:
+        try:
+            tx.execute("INSERT INTO orders (id, total) VALUES (2, 2)")
+        except BaseException as exc:  # reported to the test
+            errors.append(exc)
+
+    with ConnectionPool(env.dsn, min_size=2, max_size=2, configure=configure,
+                        kwargs={"autocommit": True}) as pool:
+        coord = env.coordinator(postgres=pool)
+        tx = coord.transaction()
+        worker = threading.Thread(target=other_thread, args=(tx,), name="other")
+        with pytest.raises(KeyboardInterrupt), tx:
+            tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+            tx.produce(topic, value=b"one")
+            worker.start()
+            assert in_cursor.wait(10)
+            threading.Timer(0.3, _interrupt_main_thread).start()
+        worker.join(10)
+        assert tx.status is Status.ROLLED_BACK
+        for _ in range(2):  # the pool's next users (connection() commits at its end)
+            with pool.connection() as conn:
+                conn.execute("SELECT 1")
+        coord.close()
+    assert env.ids() == [] and env.prepared() == []
+    assert env.read(topic) == []
+
+
+class _Ends:
+    """An observer that records how each transaction ended."""
+
+    def __init__(self) -> None:
+        self.ended: list[Status] = []
+
+    def transaction(self, info: Any) -> Any:
+        ends = self.ended
+
+        class Recorder:
+            def headers(self) -> tuple[tuple[str, bytes], ...]:
+                return ()
+
+            def phase(self, phase: Any, seconds: float) -> None:
+                pass
+
+            def prepared(self, gid: str) -> None:
+                pass
+
+            def group(self, members: int) -> None:
+                pass
+
+            def end(self, status: Status, phase: Any, error: Any, seconds: float) -> None:
+                ends.append(status)
+
+        return Recorder()
+
+    def producer_started(self, *args: Any) -> None:
+        pass
+
+    def idempotency_hit(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.sync_only
+def test_a_second_interrupt_during_the_rollback_still_ends_the_transaction(env: Env) -> None:
+    """Two Ctrl-C: the first while the block's end waits for another thread's
+    statement, the second while the rollback still waits for it (its cursor class
+    works 1.5 s before sending it: nothing to cancel yet). The connection was closed
+    under the other thread's statement, and observers never heard the end."""
+    assert threading.current_thread() is threading.main_thread()
+    ends = _Ends()
+    outcome: list[Any] = []
+
+    class SlowCursor(psycopg.Cursor[Any]):
+        def execute(self, query: Any, params: Any = None, **kwargs: Any) -> SlowCursor:
+            if threading.current_thread().name == "other":
+                time.sleep(1.5)
+            super().execute(query, params, **kwargs)
+            return self
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.cursor_factory = SlowCursor
+
+    def other_thread(tx: Any) -> None:
+        try:
+            tx.execute("SELECT pg_sleep(0.2)")
+            outcome.append("answered")
+        except BaseException as exc:  # reported to the test
+            outcome.append(exc)
+
+    with ConnectionPool(env.dsn, min_size=2, max_size=2, configure=configure) as pool:
+        coord = env.coordinator(postgres=pool, observers=(ends,))
+        tx = coord.transaction()
+        worker = threading.Thread(target=other_thread, args=(tx,), name="other")
+        timers = [threading.Timer(delay, _interrupt_main_thread) for delay in (0.3, 0.9)]
+        with pytest.raises(KeyboardInterrupt), tx:
+            tx.execute("SELECT 1")
+            worker.start()
+            for timer in timers:
+                timer.start()
+        worker.join(10)
+        for timer in timers:
+            timer.join()  # both fired inside the block's end (it waits ~1.7 s)
+        assert ends.ended == [Status.ROLLED_BACK]
+        # Answered or cancelled, never cut off by a connection closed under it.
+        assert outcome == ["answered"] or (
+            len(outcome) == 1 and isinstance(outcome[0], psycopg.errors.QueryCanceled))
+        pool.getconn(timeout=5).close()
+        assert idle_in_transaction(env) == 0
+
+
+@pytest.mark.sync_only
+def test_async_a_statement_that_awaits_before_psycopg_is_waited_for(env: Env) -> None:
+    """Another task's ``tx.execute`` passed its check, then its cursor class awaits
+    before psycopg takes the connection's lock: the block's end found the lock free
+    and PREPAREd; the statement then ran on the connection in autocommit mode,
+    committed on its own while the transaction was only prepared."""
+    make_orders(env)
+    topic = env.topic()
+    visible_after_prepare: list[int] = []
+
+    class AwaitingCursor(psycopg.AsyncCursor[Any]):
+        async def execute(self, query: Any, params: Any = None,
+                          **kwargs: Any) -> AwaitingCursor:
+            if isinstance(query, str) and query.endswith("(2, 2)"):
+                await asyncio.sleep(0.3)  # async bookkeeping of a cursor class
+            await super().execute(query, params, **kwargs)
+            return self
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        conn.cursor_factory = AwaitingCursor
+
+    def on_step(step: Step, gid: Any) -> None:  # in a worker thread
+        if step is Step.AFTER_PREPARE:
+            time.sleep(0.5)
+            visible_after_prepare.extend(env.ids())
+
+    async def main() -> tuple[Status, Any]:
+        async with AsyncConnectionPool(env.dsn, min_size=2, max_size=2, open=False,
+                                       configure=configure) as pool, \
+                acoordinator(env, pool, on_step=on_step) as coord:
+            tx = coord.transaction()
+            async with tx:
+                await tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+                tx.produce(topic, value=b"one")
+                other = asyncio.create_task(
+                    tx.execute("INSERT INTO orders (id, total) VALUES (2, 2)"))
+                await asyncio.sleep(0.05)  # the other task is past its check
+            await asyncio.gather(other, return_exceptions=True)
+            return tx.status, other.exception()
+
+    status, other_error = asyncio.run(main())
+    assert visible_after_prepare == []
+    assert status is Status.COMMITTED and other_error is None
+    assert env.ids() == [1, 2]
+    assert [r.value for r in env.read(topic)] == [b"one"]
+
+
+@pytest.mark.sync_only
+def test_staging_a_message_while_a_stream_holds_the_connection_does_not_deadlock(
+        env: Env) -> None:
+    """The block streams rows (psycopg holds the connection's lock throughout) and
+    stages a message per row while another thread's ``tx.execute`` waits for that
+    lock: ``produce()`` must not wait for the other thread."""
+    topic = env.topic()
+    coord = env.coordinator()
+    tx = coord.transaction()
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            tx.execute("SELECT 1")
+        except BaseException as exc:  # reported to the test
+            errors.append(exc)
+
+    def block() -> None:
+        try:
+            with tx:
+                worker = threading.Thread(target=other_thread, daemon=True)
+                rows = tx.connection.cursor().stream("SELECT generate_series(1, 3)")
+                for i, (n,) in enumerate(rows):
+                    if i == 0:
+                        worker.start()
+                        time.sleep(0.5)  # it now waits for the connection's lock
+                    tx.produce(topic, value=str(n).encode())
+                worker.join(10)
+        except BaseException as exc:  # reported to the test
+            errors.append(exc)
+        done.set()
+
+    threading.Thread(target=block, daemon=True).start()  # a deadlock stays there
+    assert done.wait(30), "produce() deadlocked with another thread's tx.execute"
+    assert errors == [] and tx.status is Status.COMMITTED
+    assert sorted(r.value or b"" for r in env.read(topic)) == [b"1", b"2", b"3"]
