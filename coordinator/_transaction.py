@@ -30,7 +30,7 @@ from ._effects import (
     execute_sync,
     run_now,
 )
-from ._txcore import Headers, TransactionCore
+from ._txcore import TransactionCore
 from .prepared import Connection
 
 if TYPE_CHECKING:
@@ -39,6 +39,10 @@ if TYPE_CHECKING:
     from ._coordinator import Coordinator
 
 __all__ = ["Transaction"]
+
+CANCEL_SECONDS = 5.0
+"""After Ctrl-C at the block's end: how long other threads' statements are
+cancelled and waited for before the connection is closed under them."""
 
 T = TypeVar("T")
 Query = str | bytes | sql.SQL | sql.Composed
@@ -65,6 +69,7 @@ class Transaction(TransactionCore):
         psycopg's connection lock is never taken under it."""
         self._in_flight = 0
         """Statements of :meth:`execute` past their check and not yet answered."""
+        self._staging = self._calls  # produce() from another thread: staged or refused
 
     @property
     def connection(self) -> Connection:
@@ -100,20 +105,6 @@ class Transaction(TransactionCore):
                 if not self._in_flight:
                     self._calls.notify_all()
 
-    def produce(
-        self,
-        topic: str,
-        value: bytes | str | None = None,
-        key: bytes | str | None = None,
-        headers: Headers | None = None,
-        partition: int | None = None,
-    ) -> None:
-        """Stage a message; it is produced in the Kafka transaction at commit.
-        From another thread: staged, or refused with :class:`UsageError` once the
-        block has ended -- never accepted and then left out."""
-        with self._calls:
-            super().produce(topic, value, key, headers, partition)
-
     def __enter__(self) -> Self:
         self._drive(self._enter_flow())
         return self
@@ -145,25 +136,38 @@ class Transaction(TransactionCore):
                 self._calls.wait()
 
     def _cancel_calls(self) -> None:
-        """After an interrupt: cancel other threads' statements and wait for them
-        (the cancel is sent again each second; further interrupts are ignored
-        meanwhile, the first one is raised after the rollback), so that the
-        connection is never given back while one of them can still run on it."""
-        conn, again = self._conn, 0.0
+        """After an interrupt: cancel other threads' statements and wait for them,
+        at most :data:`CANCEL_SECONDS` (the cancel is sent again each second;
+        further interrupts are ignored meanwhile, the first one is raised after
+        the rollback), so that the connection is never given back while one of
+        them can still run on it. When a statement outlived that (say it waits
+        for a stream the block left open) or a cancel may still be on its way,
+        the connection is closed instead: the server rolls back, the pool
+        discards it, and no late cancel can reach its next user."""
+        conn = self._conn
+        if conn is None:
+            return
+        deadline = time.monotonic() + CANCEL_SECONDS
+        again, unsure = 0.0, False
         while True:
             try:
                 with self._calls:
-                    if not self._in_flight:
-                        return
-                if conn is not None and time.monotonic() >= again:
-                    with contextlib.suppress(psycopg.Error):
+                    if not self._in_flight or time.monotonic() >= deadline:
+                        break
+                if time.monotonic() >= again:
+                    try:
                         conn.cancel_safe(timeout=1.0)
+                    except psycopg.Error:
+                        unsure = True
                     again = time.monotonic() + 1.0
                 with self._calls:
                     if self._in_flight:
                         self._calls.wait(0.1)
             except BaseException:  # a further Ctrl-C: the first one is raised
                 continue
+        if unsure or self._in_flight:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
 
     # -- the driver ----------------------------------------------------------
 

@@ -10,6 +10,7 @@ can get is built in ``_outcomes.py``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -83,6 +84,9 @@ class TransactionCore:
         self._conn: Any = None
         """The driver's psycopg connection (sync or async) while the transaction holds one."""
         self._conn_autocommit = False
+        self._staging: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        """Held while a message is checked and staged (the sync driver's lock
+        against the block's end, for calls from other threads)."""
         self._conn_pool: Any = None
         """The pool ``_conn`` came from (it goes back there)."""
         self._session: Any = None
@@ -126,6 +130,11 @@ class TransactionCore:
         partition: int | None = None,
     ) -> None:
         """Stage a message; it is produced in the Kafka transaction at commit."""
+        with self._staging:
+            self._stage(topic, value, key, headers, partition)
+
+    def _stage(self, topic: str, value: bytes | str | None, key: bytes | str | None,
+               headers: Headers | None, partition: int | None) -> None:
         if self.status is not Status.ACTIVE or self._block_ended:
             raise UsageError("produce() is only allowed inside the transaction's block")
         if not topic:

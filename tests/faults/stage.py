@@ -129,20 +129,20 @@ class Stage:
 
     def handle(self, tx: Transaction, messages: Sequence[Message]) -> None:
         """One row and one output message per input message, in ``tx``."""
-        params, msgs = self.begin(tx, messages)
+        label, params, msgs = self.begin(tx, messages)
         tx.execute(self.insert, params)
-        self.produce(tx, msgs)
+        self.produce(tx, label, msgs)
 
     async def ahandle(self, tx: AsyncTransaction, messages: Sequence[Message]) -> None:
         """:meth:`handle` for ``AsyncCoordinator.run_consumer`` (``--driver async``)."""
-        params, msgs = self.begin(tx, messages)
+        label, params, msgs = self.begin(tx, messages)
         await tx.execute(self.insert, params)
-        self.produce(tx, msgs)
+        self.produce(tx, label, msgs)
 
     def begin(self, tx: Transaction | AsyncTransaction, messages: Sequence[Message],
-              ) -> tuple[tuple[Any, ...], list[list[Any]]]:
-        """Arm the batch's transaction, log it; the insert's parameters and the batch as
-        ``[in_id, partition, offset]`` rows."""
+              ) -> tuple[str, tuple[Any, ...], list[list[Any]]]:
+        """Arm the batch's transaction, log it; its label, the insert's parameters and
+        the batch as ``[in_id, partition, offset]`` rows."""
         self.settle()
         self.reasons.last = None
         self.count += 1
@@ -171,16 +171,13 @@ class Stage:
                 t=time.time())
         params = (int(self.args.phase), label, self.args.instance, [m[1] for m in msgs],
                   [m[2] for m in msgs], [m[0] for m in msgs])
-        return params, msgs
+        return label, params, msgs
 
-    def produce(self, tx: Transaction | AsyncTransaction, msgs: list[list[Any]]) -> None:
+    def produce(self, tx: Transaction | AsyncTransaction, label: str,
+                msgs: list[list[Any]]) -> None:
         for key, part, off in msgs:
             tx.produce(self.args.sink, key=str(key), value=json.dumps(
-                {"in": key, "src": f"{part}:{off}", "tx": self.current_label()}, sort_keys=True))
-
-    def current_label(self) -> str:
-        assert self.current is not None
-        return self.current[1]
+                {"in": key, "src": f"{part}:{off}", "tx": label}, sort_keys=True))
 
     def on_step(self, step: Step, gid: str | None) -> None:
         """``CoordinatorConfig.on_step``: the gid of every transaction right before its

@@ -16,6 +16,7 @@ import contextlib
 import signal
 import threading
 import time
+from collections.abc import Generator
 from typing import Any
 
 import psycopg
@@ -95,6 +96,17 @@ def gated_pool(env: Env, gate: Gate, size: int = 1) -> AsyncConnectionPool[Any]:
 
     return AsyncConnectionPool(env.dsn, min_size=size, max_size=size, open=False,
                                configure=configure)
+
+
+def cursor_pool(env: Env, cursor_class: type[psycopg.Cursor[Any]],
+                **options: Any) -> ConnectionPool[Any]:
+    """A pool of two connections (one becomes the instance lock's session) whose
+    connections use ``cursor_class``."""
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.cursor_factory = cursor_class
+
+    return ConnectionPool(env.dsn, min_size=2, max_size=2, configure=configure, **options)
 
 
 def acoordinator(env: Env, postgres: Any, **overrides: Any) -> AsyncCoordinator:
@@ -385,9 +397,6 @@ def test_a_statement_from_another_thread_runs_inside_the_transaction_or_not_at_a
             super().execute(query, params, **kwargs)
             return self
 
-    def configure(conn: psycopg.Connection[Any]) -> None:
-        conn.cursor_factory = HeldCursor
-
     late: list[BaseException | None] = []
     done = threading.Event()
 
@@ -405,8 +414,7 @@ def test_a_statement_from_another_thread_runs_inside_the_transaction_or_not_at_a
             late.append(None)
         done.set()
 
-    # two connections: one is the instance lock's session
-    with ConnectionPool(env.dsn, min_size=2, max_size=2, configure=configure) as pool:
+    with cursor_pool(env, HeldCursor) as pool:
         coord = env.coordinator(postgres=pool, on_step=on_step)
         tx = coord.transaction()
         with pytest.raises(RolledBack), tx:
@@ -532,10 +540,7 @@ def test_a_cursor_class_may_run_a_statement_through_the_transaction(env: Env) ->
             super().execute(query, params, **kwargs)
             return self
 
-    def configure(conn: psycopg.Connection[Any]) -> None:
-        conn.cursor_factory = AuditCursor
-
-    with ConnectionPool(env.dsn, min_size=2, max_size=2, configure=configure) as pool:
+    with cursor_pool(env, AuditCursor) as pool:
         coord = env.coordinator(postgres=pool)
         tx = coord.transaction()
         done = threading.Event()
@@ -637,9 +642,6 @@ def test_after_an_interrupt_no_statement_of_another_thread_runs_on_the_given_bac
             super().execute(query, params, **kwargs)
             return self
 
-    def configure(conn: psycopg.Connection[Any]) -> None:
-        conn.cursor_factory = SlowCursor
-
     errors: list[BaseException] = []
 
     def other_thread(tx: Any) -> None:
@@ -648,8 +650,7 @@ def test_after_an_interrupt_no_statement_of_another_thread_runs_on_the_given_bac
         except BaseException as exc:  # reported to the test
             errors.append(exc)
 
-    with ConnectionPool(env.dsn, min_size=2, max_size=2, configure=configure,
-                        kwargs={"autocommit": True}) as pool:
+    with cursor_pool(env, SlowCursor, kwargs={"autocommit": True}) as pool:
         coord = env.coordinator(postgres=pool)
         tx = coord.transaction()
         worker = threading.Thread(target=other_thread, args=(tx,), name="other")
@@ -720,9 +721,6 @@ def test_a_second_interrupt_during_the_rollback_still_ends_the_transaction(env: 
             super().execute(query, params, **kwargs)
             return self
 
-    def configure(conn: psycopg.Connection[Any]) -> None:
-        conn.cursor_factory = SlowCursor
-
     def other_thread(tx: Any) -> None:
         try:
             tx.execute("SELECT pg_sleep(0.2)")
@@ -730,7 +728,7 @@ def test_a_second_interrupt_during_the_rollback_still_ends_the_transaction(env: 
         except BaseException as exc:  # reported to the test
             outcome.append(exc)
 
-    with ConnectionPool(env.dsn, min_size=2, max_size=2, configure=configure) as pool:
+    with cursor_pool(env, SlowCursor) as pool:
         coord = env.coordinator(postgres=pool, observers=(ends,))
         tx = coord.transaction()
         worker = threading.Thread(target=other_thread, args=(tx,), name="other")
@@ -835,3 +833,45 @@ def test_staging_a_message_while_a_stream_holds_the_connection_does_not_deadlock
     assert done.wait(30), "produce() deadlocked with another thread's tx.execute"
     assert errors == [] and tx.status is Status.COMMITTED
     assert sorted(r.value or b"" for r in env.read(topic)) == [b"1", b"2", b"3"]
+
+
+@pytest.mark.sync_only
+def test_ctrl_c_ends_a_block_whose_stream_blocks_another_thread(env: Env) -> None:
+    """The block leaves a ``stream()`` open (psycopg keeps the connection's lock)
+    while another thread's ``tx.execute`` waits for that lock: the block's end waits
+    for that thread, which can never go on. Ctrl-C must still end it (it waited for
+    ever, every further Ctrl-C ignored): the connection is closed under the waiting
+    thread, the server rolls back."""
+    assert threading.current_thread() is threading.main_thread()
+    make_orders(env)
+    topic = env.topic()
+    errors: list[BaseException] = []
+
+    def other_thread(tx: Any) -> None:
+        try:
+            tx.execute("INSERT INTO orders (id, total) VALUES (2, 2)")
+        except BaseException as exc:  # reported to the test
+            errors.append(exc)
+
+    coord = env.coordinator()
+    tx = coord.transaction()
+    worker = threading.Thread(target=other_thread, args=(tx,), daemon=True)
+    timers = [threading.Timer(delay, _interrupt_main_thread) for delay in (0.5, 1.5, 2.5)]
+    with pytest.raises(KeyboardInterrupt), tx:
+        tx.execute("INSERT INTO orders (id, total) VALUES (1, 1)")
+        tx.produce(topic, value=b"one")
+        rows: Generator[Any, None, None] = tx.connection.cursor().stream(  # type: ignore[assignment]
+            "SELECT generate_series(1, 3)")
+        next(rows)  # left open
+        worker.start()
+        time.sleep(0.3)  # the worker waits for the connection's lock
+        for timer in timers:
+            timer.start()
+    for timer in timers:
+        timer.join()  # all fired inside the block's end (it lasts ~5 s)
+    rows.close()  # psycopg's lock is free: the waiting thread finds the connection closed
+    worker.join(10)
+    assert tx.status is Status.ROLLED_BACK
+    assert len(errors) == 1 and isinstance(errors[0], psycopg.OperationalError)
+    assert env.ids() == [] and env.prepared() == [] and idle_in_transaction(env) == 0
+    assert env.read(topic) == []
