@@ -456,10 +456,6 @@ def test_an_interrupt_while_the_block_end_waits_for_another_thread_rolls_back(
         except psycopg.errors.QueryCanceled as exc:  # by the interrupt's rollback
             cancelled.append(exc)
 
-    def interrupt() -> None:
-        # The main thread waits for the statement by now (it runs for 1.5 s).
-        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
-
     with ConnectionPool(env.dsn, min_size=2, max_size=2) as pool:  # one: the lock's
         coord = env.coordinator(postgres=pool)
         tx = coord.transaction()
@@ -469,7 +465,8 @@ def test_an_interrupt_while_the_block_end_waits_for_another_thread_rolls_back(
             tx.produce(topic, value=b"one")
             worker.start()
             assert in_flight.wait(10)
-            threading.Timer(0.5, interrupt).start()
+            # The main thread waits for the statement by then (it runs for 1.5 s).
+            threading.Timer(0.5, _interrupt_main_thread).start()
         worker.join(10)
         assert tx.status is Status.ROLLED_BACK and len(cancelled) == 1
         with pytest.raises(UsageError):
