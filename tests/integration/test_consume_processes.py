@@ -126,8 +126,10 @@ def test_broker_restart_under_a_stage(stages: Stages) -> None:
     """SIGKILL of the (single) broker while a stage runs, then a restart: in-flight
     transactions fail or end in doubt, recovery (run here as its job would) decides
     them, the stage carries on; still exactly once."""
-    if not stack.is_local_kafka(stages.env.bootstrap):
-        pytest.skip("restarts a broker: only against the local stack (scripts/stack)")
+    local = stack.local_kafka()
+    if local != stages.env.bootstrap:
+        pytest.skip(f"restarts a broker: only against the local stack (scripts/stack): the "
+                    f"tests use {stages.env.bootstrap!r}, the local stack is {local!r}")
     keys = stages.p.feed(300)
     stages.start("w0")
     stages.wait_rows(60)

@@ -7,6 +7,9 @@ Session fixtures `pg_dsn` and `kafka_bootstrap` find the services in this order:
   (c) the local stack: `scripts/stack up` (a no-op when it already runs), then its `env`.
 A test that needs a service which cannot be had FAILS with the reason; it is never skipped,
 in CI (CI=true) or anywhere else. Tests using these fixtures get the `integration` marker.
+With PK2PC_NO_SKIPS=1 (`.ci/run` sets it) a test that skips itself for any other reason
+(it restarts a broker of the local stack only, it needs faketime) FAILS instead: CI runs
+every test, a skipped one proves nothing.
 
 Per-test isolation: `pg_db` is a fresh database (dropped afterwards, prepared transactions in
 it rolled back first), `topic_factory` makes topics with unique names, `unique_name` is a
@@ -49,6 +52,17 @@ STACK_UP_TIMEOUT = 1800.0
 
 def _fail(message: str) -> NoReturn:
     pytest.fail(message, pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """With PK2PC_NO_SKIPS=1, a skip is a failure (with the skip's reason)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if (report.skipped and os.environ.get("PK2PC_NO_SKIPS") == "1"
+            and not hasattr(report, "wasxfail")):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but PK2PC_NO_SKIPS=1 (CI runs every test): {report.longrepr}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

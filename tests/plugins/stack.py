@@ -44,9 +44,9 @@ def pg_start() -> None:
     stack("pg-start")
 
 
-def is_local_kafka(bootstrap: str) -> bool:
-    """Whether ``bootstrap`` is the local stack's Kafka (whose brokers tests may restart)."""
+def local_kafka() -> str | None:
+    """The local stack's Kafka bootstrap servers (whose brokers tests may restart)."""
     for line in stack("env", timeout=60).splitlines():
         if line.startswith("export KAFKA_BOOTSTRAP_SERVERS="):
-            return line.split("=", 1)[1].strip().strip("'\"") == bootstrap
-    return False
+            return line.split("=", 1)[1].strip().strip("'\"")
+    return None
