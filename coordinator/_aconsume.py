@@ -4,9 +4,10 @@ The decisions are the synchronous loop's (``_consume.py``), made once in
 :class:`~coordinator._consumecore.ConsumeLoop`; this driver awaits the
 effects. The consumer's calls block (a poll waits up to its timeout), so they
 run in the coordinator's worker threads -- the pool apart from the Kafka
-transactions' own threads, so that a long poll never holds up a commit. The
-handler is a coroutine run inside an :class:`AsyncTransaction`. A pause
-between retries ends early when ``stop`` is set.
+transactions' own threads, so that a long poll never holds up a commit; a
+cancelled run first waits for the consumer call in progress. The handler is a
+coroutine run inside an :class:`AsyncTransaction`. A pause between retries ends
+early when ``stop`` is set.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, Message
 
-from ._atransaction import AsyncTransaction
+from ._atransaction import AsyncTransaction, to_the_end
 from ._consumecore import (
     ConsumeEffect,
     ConsumeLoop,
@@ -47,10 +48,26 @@ async def arun_consumer(coord: AsyncCoordinator, consumer: Consumer, handle: Asy
     loop = ConsumeLoop(consumer, settings, stopping.is_set, coord.config.kafka_timeout,
                        coord.name, coord.instance)
 
+    held: list[asyncio.CancelledError] = []
+    """A cancellation held back while a consumer call finished."""
+
     async def perform(effect: ConsumeEffect) -> Any:
+        if held:
+            raise held.pop()  # the loop rewinds what it read, then ends
         match effect:
             case Blocking(call):
-                return await coord._in_thread(call, waits_for_others=True)
+                # Waited for even when the task is cancelled (a consumer call is
+                # short: a poll's timeout): once run_consumer has ended, nothing of
+                # it uses the consumer, which may be closed at once. What the call
+                # returned goes to the loop, so that what it read is rewound.
+                running = asyncio.ensure_future(coord._in_thread(call, waits_for_others=True))
+                try:
+                    return await to_the_end(running)
+                except asyncio.CancelledError as stop:
+                    if running.cancelled() or running.exception() is not None:
+                        raise
+                    held.append(stop)
+                    return running.result()
             case Sleep(seconds, pause) if pause is time.sleep:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), seconds)
@@ -68,4 +85,7 @@ async def arun_consumer(coord: AsyncCoordinator, consumer: Consumer, handle: Asy
                         await handle(atx, messages)
         return None
 
-    return await drive(loop.run(), perform)
+    stats = await drive(loop.run(), perform)
+    if held:
+        raise held.pop()
+    return stats

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 
     from ._acoordinator import AsyncCoordinator
 
-__all__ = ["AsyncConnection", "AsyncTransaction"]
+__all__ = ["AsyncConnection", "AsyncTransaction", "to_the_end"]
 
 T = TypeVar("T")
 AsyncConnection = psycopg.AsyncConnection[tuple[object, ...]]
@@ -104,25 +105,11 @@ class AsyncTransaction(TransactionCore):
         tb: TracebackType | None,
     ) -> None:
         # The rollback of a failed block is shielded too: cancelled half-way, it
-        # would leave the connection out of its pool.
-        procedure = asyncio.ensure_future(self._end(self._exit_flow(exc)))
-        cancelled: asyncio.CancelledError | None = None
-        while not procedure.done():
-            try:
-                # wait() neither cancels the procedure nor raises its error.
-                await asyncio.wait((procedure,))
-            except asyncio.CancelledError as stop:
-                cancelled = stop  # the procedure runs to its end all the same
-        error = procedure.exception()
-        if cancelled is not None:
-            # A cancelled task ends cancelled, whatever the outcome (asyncio.timeout,
-            # TaskGroup and shutdown rely on it; a retry loop catching RolledBack must
-            # not swallow it). The outcome: tx.status, and the typed error as cause.
-            if error is not None:
-                raise cancelled from error
-            raise cancelled
-        if error is not None:
-            raise error
+        # would leave the connection out of its pool. A cancelled task ends
+        # cancelled, whatever the outcome (asyncio.timeout, TaskGroup and shutdown
+        # rely on it; a retry loop catching RolledBack must not swallow it). The
+        # outcome: tx.status, and the typed error as the cause.
+        await to_the_end(self._end(self._exit_flow(exc)))
 
     async def _end(self, flow: Flow[None]) -> None:
         """The block's end, once the statements other tasks had in flight when it
@@ -177,3 +164,25 @@ class AsyncTransaction(TransactionCore):
             case _:  # pragma: no cover
                 raise AssertionError(effect)
         return None
+
+
+async def to_the_end(step: Awaitable[T]) -> T:
+    """Await ``step`` to its end even if the awaiting task is cancelled meanwhile:
+    the cancellation is held back until then, and the task then ends cancelled,
+    with the step's error, if any, as the cause."""
+    task = asyncio.ensure_future(step)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            # wait() neither cancels the task nor raises its error.
+            await asyncio.wait((task,))
+        except asyncio.CancelledError as stop:
+            cancelled = stop  # the step runs to its end all the same
+    error = task.exception()
+    if cancelled is not None:
+        if error is not None:
+            raise cancelled from error
+        raise cancelled
+    if error is not None:
+        raise error
+    return task.result()

@@ -185,7 +185,30 @@ class ConsumeLoop:
         return self.stats
 
     def batch(self, messages: list[Message]) -> _Flow[None]:
-        """Commit or dead-letter every message of a consumed batch, in order."""
+        """Commit or dead-letter every message of a consumed batch, in order.
+
+        Whatever ends it early (an error, a cancelled task, Ctrl-C), the consumer
+        is first moved back to the committed offsets, as far as Kafka answers: a
+        message the loop read but did not commit is not skipped by a later
+        ``run_consumer`` on the same consumer."""
+        read = list(messages)
+        """Every message the consumer returned while handling the batch."""
+        try:
+            if (yield from self._settle(messages, read)):
+                return
+        except (PoisonMessage, GeneratorExit):
+            raise  # the consumer stays at that message / the flow is closed: no effects
+        except BaseException:  # an error, a cancelled task, Ctrl-C
+            with contextlib.suppress(Exception):
+                yield from self._rewind(read)
+            raise
+        # Failed transactions rewound the consumer; move it to the committed offsets
+        # (past everything committed or dead-lettered, at anything that was not).
+        yield from self._rewind(read)
+
+    def _settle(self, messages: list[Message], read: list[Message]) -> _Flow[bool]:
+        """:meth:`batch`'s work; whether the consumer is where it should be (every
+        message committed in order, nothing to rewind)."""
         pending: list[list[Message]] = [messages]
         rewound = False
         while pending and not self.stopped():
@@ -204,8 +227,8 @@ class ConsumeLoop:
                 self.stats.handler_failures += 1
                 pending[:0] = yield from self._after_handler_failure(part, exc.cause)
             except OutcomeUnknown as exc:
-                yield from self._wait_decided(exc.gid)
-                break  # the committed offsets say which way it went
+                yield from self._wait_decided(exc.gid, read)
+                return False  # the committed offsets say which way it went
             except (Diverged, PoisonMessage, UsageError, ConfigurationError):
                 raise  # nothing to retry: a human (or the program) must act
             except Error as exc:
@@ -217,13 +240,8 @@ class ConsumeLoop:
                 log.warning("batch of %d rolled back (%s); consuming it again", len(part), exc,
                             extra=self._extra(exc.gid))
                 yield Sleep(min(5.0, 0.1 * 2 ** self.failures_in_a_row), self.settings.sleep)
-                break
-        else:
-            if not rewound and not self.stopped():
-                return
-        # Failed transactions rewound the consumer; move it to the committed offsets
-        # (past everything committed or dead-lettered, at anything that was not).
-        yield from self._rewind(messages)
+                return False
+        return not rewound and not self.stopped()
 
     def _commit(self, part: list[Message]) -> _Flow[None]:
         # CommittedPendingRecovery: committed; only COMMIT PREPARED is left to recovery
@@ -307,9 +325,11 @@ class ConsumeLoop:
             gid = None  # "(txid ...)": no gid was chosen
         return log_extra(gid=gid, phase="consume", name=self.name, instance=self.instance)
 
-    def _wait_decided(self, gid: str | None) -> _Flow[None]:
+    def _wait_decided(self, gid: str | None, read: list[Message]) -> _Flow[None]:
         """Hold the consumer (its partitions paused, still polled so it stays in the
-        group) until ``gid`` is no longer prepared: recovery has decided it."""
+        group) until ``gid`` is no longer prepared: recovery has decided it. A
+        rebalance meanwhile may give the consumer partitions that are not paused:
+        the messages the polls return go to ``read``, to be rewound with the batch."""
         if gid is None:
             return
         self.stats.in_doubt.append(gid)
@@ -319,7 +339,11 @@ class ConsumeLoop:
         started = time.monotonic()
         try:
             while not self.stopped() and (yield from self._prepared(gid)):
-                yield Blocking(functools.partial(consumer.poll, self.settings.decision_poll))
+                m = yield Blocking(functools.partial(consumer.poll, self.settings.decision_poll))
+                if m is not None and m.error() is None:
+                    read.append(m)
+                elif m is not None and m.error().fatal():
+                    raise KafkaException(m.error())
                 if time.monotonic() - started > 60:
                     log.warning("gid=%s still in doubt after %.0f s: is the recovery job "
                                 "scheduled?", gid, time.monotonic() - started,
@@ -329,7 +353,16 @@ class ConsumeLoop:
             yield Blocking(functools.partial(consumer.resume, assignment))
 
     def _prepared(self, gid: str) -> _Flow[bool]:
-        results: list[Result] = yield Execute(
-            "SELECT 1 FROM pg_prepared_xacts WHERE gid = %s AND database = current_database()",
-            (gid,), on_pool=True)
+        """Whether ``gid`` is still prepared; yes while PostgreSQL cannot be asked
+        (the wait goes on through an outage)."""
+        try:
+            results: list[Result] = yield Execute(
+                "SELECT 1 FROM pg_prepared_xacts WHERE gid = %s AND database = "
+                "current_database()", (gid,), on_pool=True)
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            log.warning("gid=%s: cannot ask PostgreSQL whether it is still in doubt (%s); "
+                        "waiting on", gid, describe(exc), extra=self._extra(gid))
+            return True
         return bool(results[0].rows)

@@ -41,7 +41,9 @@ coordinator's last warning during the transaction, e.g. why it rolled back); ``c
 ``pause``, ``continued`` (the hooks; their ``op`` is the arm id), ``lost-commit`` {op, mode,
 gid}; ``failed`` {error} when
 ``run_consumer`` raised (the process then exits 3 and the campaign starts it again);
-``end`` {stats} after SIGTERM.
+``end`` {stats} after SIGTERM; ``assign``, ``revoke``, ``lost`` {parts} when the group
+changes the stage's partitions (``PK2PC_STAGE_DEBUG=<contexts>`` also turns on the
+consumer's librdkafka debug log, on the stage's stderr).
 """
 
 from __future__ import annotations
@@ -340,13 +342,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _consumer(args: argparse.Namespace, stage: Stage) -> StageConsumer:
-    consumer = StageConsumer({
+    conf: dict[str, Any] = {
         "bootstrap.servers": args.bootstrap, "group.id": args.group,
         "enable.auto.commit": False, "isolation.level": "read_committed",
         "auto.offset.reset": "earliest", "session.timeout.ms": SESSION_TIMEOUT_MS,
-        "heartbeat.interval.ms": 500})
+        "heartbeat.interval.ms": 500}
+    if os.environ.get("PK2PC_STAGE_DEBUG"):  # librdkafka's debug contexts, on stderr
+        conf["debug"] = os.environ["PK2PC_STAGE_DEBUG"]
+    consumer = StageConsumer(conf)
     consumer.stage = stage
-    consumer.subscribe([args.source])
+
+    def changed(event: str) -> Any:
+        def log(_consumer: Consumer, tps: list[Any]) -> None:
+            stage.state.emit(event=event, parts=sorted(tp.partition for tp in tps),
+                             t=time.time())
+        return log
+
+    consumer.subscribe([args.source], on_assign=changed("assign"),
+                       on_revoke=changed("revoke"), on_lost=changed("lost"))
     return consumer
 
 

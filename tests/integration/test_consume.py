@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 import recovery
 from coordinator import (
+    AsyncCoordinator,
     AsyncTransaction,
     ConsumerStats,
     Coordinator,
@@ -44,8 +46,6 @@ pytestmark = pytest.mark.integration
 
 
 def consume_n(consumer: Consumer, n: int, timeout: float = 30.0) -> list[Message]:
-    import time
-
     out: list[Message] = []
     deadline = time.monotonic() + timeout
     while len(out) < n and time.monotonic() < deadline:
@@ -63,8 +63,6 @@ def run_until(coord: Coordinator, p: Pipeline, consumer: Consumer, done: int,
         p.handle(tx, messages)
 
     def watch() -> None:
-        import time
-
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and sum(p.rows().values()) < done:
             time.sleep(0.2)
@@ -317,3 +315,121 @@ def test_async_run_consumer_leaves_the_event_loop_free(env: Env) -> None:
     p.assert_exactly_once(keys)
     assert stats.messages == 20
     assert lag < 0.5, f"the event loop was held up for {lag:.2f} s"
+
+
+def lost_reply(armed: threading.Event, lost: threading.Event) -> type[Producer]:
+    """A producer whose first ``commit_transaction()`` once ``armed`` is set commits, then
+    raises as if the broker's reply were lost: an unknown outcome (``lost`` is set)."""
+
+    class LostReply(Producer):
+        def commit_transaction(self, *args: Any) -> None:
+            super().commit_transaction(*args)
+            if armed.is_set() and not lost.is_set():
+                lost.set()
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT,
+                                                "commit reply lost (a fault of the test)"))
+
+    return LostReply
+
+
+def test_messages_polled_while_waiting_for_recovery_are_consumed_again(
+        env: Env, consume_driver: str) -> None:
+    """While ``run_consumer`` waits for recovery after an unknown outcome (its partitions
+    paused, the consumer still polled), a rebalance gives it a partition that is not
+    paused: the messages those polls return are delivered again after the wait, not
+    skipped (a later batch would commit offsets past them)."""
+    p = pipeline(env, partitions=2)
+    keys = p.feed(8)
+    # Another member of the group holds a partition until the run is waiting, then leaves.
+    other = p.consumer()
+    joined, leave = threading.Event(), threading.Event()
+    other.subscribe([p.source], on_assign=lambda _c, _tps: joined.set())
+
+    def hold() -> None:
+        while not leave.is_set():
+            other.poll(0.2)  # never commits: what it reads stays to be consumed
+        other.close()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assignments: list[int] = []
+    armed, lost = threading.Event(), threading.Event()
+
+    def plan(messages: Sequence[Message]) -> list[Write]:
+        armed.set()
+        return p.plan(messages)
+
+    def decide_when_both_assigned() -> None:
+        assert lost.wait(60), "the commit's reply was never lost"
+        leave.set()
+        deadline = time.monotonic() + 60
+        while 2 not in assignments and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3.0)  # polls of the waiting loop fetch the new partition's messages
+        recovery.recover(env.dsn, env.kafka, env.name, RecoveryConfig(grace_seconds=0))
+
+    consumer: Consumer | None = None
+    try:
+        assert joined.wait(60), "the other member never joined"  # it joins first
+        consumer = p.consumer()
+        consumer.subscribe([p.source], on_assign=lambda _c, tps: assignments.append(len(tps)))
+        decider = threading.Thread(target=decide_when_both_assigned, daemon=True)
+        decider.start()
+        deadline = time.monotonic() + 90
+        with open_driver(consume_driver, env, producers=1,
+                         producer_factory=lost_reply(armed, lost)) as d:
+            stats = d.run_consumer(consumer, plan, lambda: (
+                sum(p.rows().values()) >= len(keys) or time.monotonic() > deadline))
+        decider.join(60)
+    finally:
+        leave.set()
+        holder.join(10)
+        if consumer is not None:
+            consumer.close()
+    assert lost.is_set() and 2 in assignments and len(stats.in_doubt) == 1
+    p.assert_exactly_once(keys)
+    assert p.committed() == {0: 4, 1: 4}
+
+
+def test_a_cancelled_async_run_consumer_skips_nothing(env: Env) -> None:
+    """Cancelled while its consume call holds messages, ``AsyncCoordinator.run_consumer``
+    waits for that call, moves the consumer back to the committed offsets and ends
+    cancelled: the same consumer, given to ``run_consumer`` again, handles every message
+    exactly once."""
+    p = pipeline(env, partitions=1)
+    assigned = threading.Event()
+    consumer = p.consumer()
+    consumer.subscribe([p.source], on_assign=lambda _c, _tps: assigned.set())
+    keys: list[str] = []
+
+    async def handle(tx: AsyncTransaction, messages: Sequence[Message]) -> None:
+        await aapply(tx, p.plan(messages))
+
+    async def main() -> None:
+        async with AsyncCoordinator(env.dsn, env.kafka, env.name, instance=env.instance,
+                                    config=env.config()) as acoord:
+            # A consume call waits its whole batch_timeout for a batch of 500.
+            first = asyncio.create_task(acoord.run_consumer(consumer, handle,
+                                                            batch_timeout=3.0))
+            assert await asyncio.to_thread(assigned.wait, 60), "never assigned"
+            keys.extend(await asyncio.to_thread(p.feed, 5))
+            await asyncio.sleep(0.5)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            stop = asyncio.Event()
+
+            async def watch() -> None:
+                deadline = time.monotonic() + 60
+                while (sum((await asyncio.to_thread(p.rows)).values()) < len(keys)
+                       and time.monotonic() < deadline):
+                    await asyncio.sleep(0.2)
+                stop.set()
+
+            await asyncio.gather(acoord.run_consumer(consumer, handle, stop=stop), watch())
+
+    try:
+        asyncio.run(main())
+    finally:
+        consumer.close()
+    p.assert_exactly_once(keys)

@@ -41,6 +41,8 @@ class FakeConsumer:
     """The script has run out (the loop's stop)."""
     calls: list[str] = field(default_factory=list)
     seeks: list[tuple[int, int]] = field(default_factory=list)
+    polled: list[Message] = field(default_factory=list)
+    """What the polls return (of partitions a rebalance assigned meanwhile), then None."""
 
     def consume(self, num_messages: int, timeout: float) -> list[Message]:
         self.done = not self.batches
@@ -61,8 +63,9 @@ class FakeConsumer:
     def resume(self, tps: list[TopicPartition]) -> None:
         self.calls.append("resume")
 
-    def poll(self, timeout: float) -> None:
+    def poll(self, timeout: float) -> Message | None:
         self.calls.append("poll")
+        return self.polled.pop(0) if self.polled else None
 
 
 @dataclass
@@ -72,7 +75,8 @@ class World:
 
     consumer: FakeConsumer
     outcome: Callable[[Sequence[Message]], None]
-    prepared: list[bool] = field(default_factory=list)
+    prepared: list[bool | Exception] = field(default_factory=list)
+    """The answers to "is the gid still prepared?" (an exception: raised)."""
     commit_errors: list[Exception] = field(default_factory=list)
     ran: list[list[int]] = field(default_factory=list)
     letters: list[DeadLetter] = field(default_factory=list)
@@ -90,7 +94,10 @@ class World:
             case Sleep(seconds):
                 self.slept.append(seconds)
             case Execute():
-                return [Result("SELECT", [(1,)] if self.prepared.pop(0) else [])]
+                answer = self.prepared.pop(0)
+                if isinstance(answer, Exception):
+                    raise answer
+                return [Result("SELECT", [(1,)] if answer else [])]
             case Transact(messages, DeadLetter() as letter):
                 self.letters.append(letter)
             case Transact(messages):
@@ -153,6 +160,41 @@ def test_an_unknown_outcome_holds_the_consumer_until_recovery_decides() -> None:
     assert w.consumer.calls == ["pause", "poll", "poll", "resume"]
     assert stats.in_doubt == ["g-1"] and stats.batches == 0
     assert w.consumer.seeks == [(0, 0)]  # the committed offsets say which way it went
+
+
+def test_messages_polled_while_waiting_are_consumed_again() -> None:
+    """A rebalance during the wait assigns a partition that is not paused: what the
+    polls return from it is rewound with the batch, never skipped."""
+    consumer = FakeConsumer([msgs(0, 1)], polled=msgs(3, 4, partition=1))
+    w = World(consumer, lambda messages: None, prepared=[True, True, True, False],
+              commit_errors=[OutcomeUnknown("the Kafka commit timed out", gid="g-1")])
+    w.run()
+    assert consumer.calls == ["pause", "poll", "poll", "poll", "resume"]
+    assert sorted(consumer.seeks) == [(0, 0), (1, 3)]
+
+
+def test_the_wait_goes_on_through_a_postgres_outage() -> None:
+    lost = psycopg.OperationalError("server closed the connection unexpectedly")
+    w = World(FakeConsumer([msgs(0, 1)]), lambda messages: None,
+              prepared=[True, lost, lost, False],
+              commit_errors=[OutcomeUnknown("the Kafka commit timed out", gid="g-1")])
+    stats = w.run()
+    assert w.consumer.calls == ["pause", "poll", "poll", "poll", "resume"]
+    assert stats.in_doubt == ["g-1"] and w.consumer.seeks == [(0, 0)]
+
+
+def test_what_ends_the_loop_leaves_the_consumer_at_the_committed_offsets() -> None:
+    """An error the loop raises (here: the question to PostgreSQL failed for another
+    reason than a lost connection) rewinds first: a new ``run_consumer`` on the same
+    consumer skips nothing it read."""
+    consumer = FakeConsumer([msgs(0, 1)], polled=msgs(3, partition=1))
+    denied = psycopg.errors.InsufficientPrivilege("permission denied for pg_prepared_xacts")
+    w = World(consumer, lambda messages: None, prepared=[True, denied],
+              commit_errors=[OutcomeUnknown("the Kafka commit timed out", gid="g-1")])
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        w.run()
+    assert consumer.calls == ["pause", "poll", "resume"]
+    assert sorted(consumer.seeks) == [(0, 0), (1, 3)]
 
 
 def test_committed_pending_recovery_counts_as_committed() -> None:
