@@ -15,22 +15,27 @@ instance; network faults go through Toxiproxy's API (``tests/faults/toxiproxy.py
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from tests.plugins import stack as stack_ops
 
-from .toxiproxy import Toxiproxy
+from .toxiproxy import Toxiproxy, ToxiproxyError
 
 __all__ = ["CUT_MODES", "CYCLES", "ENV_KINDS", "Injector", "Lab"]
 
 ENV_KINDS = ("kill-random", "kafka-restart", "pg-restart", "net-cut", "net-latency")
 CYCLES = (*ENV_KINDS, "pause", "slow-kafka")
 """Fault kinds with an injector loop (``mixed`` picks among them)."""
+UNDO_SECONDS = 120.0
+"""How long undoing a network fault retries, by default, before it resets Toxiproxy (see
+:meth:`Injector.undo`)."""
 CUT_MODES = ("down", "blackhole", "lost-replies", "close", "reset")
 """``down``: the proxy is disabled (connections closed, new ones refused); ``blackhole``:
 no byte passes either way until healed (then the held data flows: a partition that heals);
@@ -69,8 +74,11 @@ class Injector:
     """Injects one fault kind (or, for ``mixed``, any of them) in cycles."""
 
     def __init__(self, lab: Lab, rng: random.Random, stop: threading.Event,
-                 calm: float = 1.0) -> None:
+                 calm: float = 1.0, undo_seconds: float = UNDO_SECONDS,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.lab = lab
+        self.undo_seconds = undo_seconds
+        self.sleep = sleep
         self.rng = rng
         self.stop = stop
         self.calm = calm
@@ -98,7 +106,14 @@ class Injector:
                 pick = self.rng.choices(list(cycles), weights=[4, 1, 1, 3, 2, 3, 1])[0]
             else:
                 pick = kind
-            cycles[pick]()
+            try:
+                cycles[pick]()
+            except Exception as exc:  # the harness's own failure: say so, heal, go on
+                self.lab.event("injector-error", kind=pick, error=repr(exc)[:300],
+                               counts=False)
+                # If even this fails, the phase's end heals the stack or fails the run.
+                with contextlib.suppress(ToxiproxyError):
+                    self.reset_network()
 
     def _pause(self, low: float, high: float) -> bool:
         """Wait a random moment; False when the phase is over meanwhile."""
@@ -194,10 +209,49 @@ class Injector:
             time.sleep(seconds)
         finally:
             try:
-                for proxy, name in added:
-                    tp.remove_toxic(proxy, name)
+                self.undo(added)
             finally:
                 self.net_lock.release()
+
+    def undo(self, added: Sequence[tuple[str, str]], disabled: Sequence[str] = ()) -> None:
+        """Remove the toxics and re-enable the proxies a network fault put in place,
+        whatever it takes. Removing a toxic blocks in Toxiproxy while a client of that
+        proxy does not read (a SIGSTOPped process: a latency toxic flushes the data it holds
+        before it goes, and every API call waits behind that), so a call that times out is
+        tried again for up to ``undo_seconds``; what is still in place then is cleared
+        by a reset. A fault left in place would slow or cut every client for the rest of
+        the phase."""
+        tp = self.lab.toxiproxy
+        deadline = time.monotonic() + self.undo_seconds
+        steps = [functools.partial(tp.remove_toxic, proxy, name) for proxy, name in added]
+        steps += [functools.partial(tp.set_enabled, proxy, True) for proxy in disabled]
+        retried = 0
+        for step in steps:
+            while True:
+                try:
+                    step()
+                    break
+                except ToxiproxyError as exc:
+                    retried += 1
+                    if time.monotonic() > deadline:
+                        self.lab.event("undo-failed", error=str(exc)[:300], counts=False)
+                        self.reset_network()
+                        return
+                    self.sleep(1.0)
+        if retried:
+            self.lab.event("undo-retried", calls=retried, counts=False)
+
+    def reset_network(self) -> None:
+        """Toxiproxy back to no toxic and every proxy enabled (retried the same way)."""
+        deadline = time.monotonic() + self.undo_seconds
+        while True:
+            try:
+                self.lab.toxiproxy.reset()
+                return
+            except ToxiproxyError:
+                if time.monotonic() > deadline:
+                    raise
+                self.sleep(1.0)
 
     def kafka_restart(self) -> None:
         if not self._pause(1.0, 4.0) or not self.kafka_lock.acquire(blocking=False):
@@ -263,10 +317,7 @@ class Injector:
             time.sleep(seconds)
         finally:
             try:
-                for proxy, name in added:
-                    tp.remove_toxic(proxy, name)
-                for proxy in disabled:
-                    tp.set_enabled(proxy, True)
+                self.undo(added, disabled)
             finally:
                 self.net_lock.release()
 
@@ -291,8 +342,7 @@ class Injector:
             time.sleep(seconds)
         finally:
             try:
-                for proxy, name in added:
-                    tp.remove_toxic(proxy, name)
+                self.undo(added)
             finally:
                 self.net_lock.release()
 

@@ -65,6 +65,9 @@ class PipeResult:
     """lost commit request / reply -> how the transaction ended."""
     not_fed: int = 0
     transactions: Counter[str] = field(default_factory=Counter)
+    not_consumed: list[str] = field(default_factory=list)
+    """Input messages at or past their partition's committed offset with no row and no
+    output: never handled (the phase ended first), not lost."""
 
 
 class _Flags:
@@ -127,6 +130,7 @@ def check_pipeline(*, dsn: str, bootstrap: str, name: str, sink: str, decision_t
     kind_of: dict[int, str] = {ph.idx: ph.kind for ph in phases}
     offsets_at_end: dict[str, bool] = {}
     not_fed = 0
+    not_consumed: list[str] = []
     committed_offset: dict[tuple[int, int], int] = {}
     for ph in phases:
         seen = set()
@@ -154,7 +158,11 @@ def check_pipeline(*, dsn: str, bootstrap: str, name: str, sink: str, decision_t
             if made.split("|", 1)[1] != in_id:
                 f.flag(key, "divergences", f"made for {made.split('|', 1)[1]!r}, not {in_id!r}")
         if not r and not u:
-            f.flag(key, "lost", f"{in_id}: no row and no output message")
+            if key[2] >= committed_offset.get((key[0], key[1]), -1):
+                not_consumed.append(f"{key[0]}/{key[1]}:{key[2]}")  # never got that far
+            else:  # the group's offsets passed it: skipped
+                f.flag(key, "lost", f"{in_id}: no row and no output message, below the "
+                       f"committed offset {committed_offset.get((key[0], key[1]))}")
             continue
         if len(r) > 1 or len(u) > 1:
             f.flag(key, "duplicates", f"{in_id}: {len(r)} rows, {len(u)} output messages")
@@ -248,7 +256,8 @@ def check_pipeline(*, dsn: str, bootstrap: str, name: str, sink: str, decision_t
     return PipeResult(table, totals, problems, logs,
                       _outcomes(logs.crashes, logs, made_by, f),
                       _outcomes(logs.pauses, logs, made_by, f), offsets_at_end,
-                      _outcomes(logs.lost_commits, logs, made_by, f), not_fed, txs)
+                      _outcomes(logs.lost_commits, logs, made_by, f), not_fed, txs,
+                      not_consumed)
 
 
 def _outcomes(events: list[tuple[str, str | None]], logs: StageLogs,
@@ -314,10 +323,17 @@ def describe(pres: PipeResult, s: Settings, phase_info: list[dict[str, object]],
         + " (the stage then exits and is started again)",
         "pipeline: transactions rolled back, by reason: "
         + (", ".join(f"{k} {v}" for k, v in logs.reasons.most_common()) or "none"),
+        f"pipeline: committed messages the consumer handed over again (run_consumer dropped "
+        f"them): {len(logs.redelivered)} time(s)"
+        + "".join(f"; {r}" for r in logs.redelivered[:3]),
         f"pipeline: LIVENESS: stages restarted by the liveness probe {len(probe)} time(s) "
         "(the same batch rolled back again and again)"
         + "".join(f"; {p['worker']}: {p['why']}" for p in probe[:3]),
     ]
     if pres.not_fed:
         lines.append(f"INCOMPLETE: {pres.not_fed} pipeline input message(s) never delivered")
+    if pres.not_consumed:
+        lines.append(f"INCOMPLETE: {len(pres.not_consumed)} pipeline input message(s) never "
+                     "handled, at or past their partition's committed offset: "
+                     + ", ".join(pres.not_consumed[:10]))
     return lines

@@ -130,6 +130,11 @@ def fault_totals(events: Path, kills: Counter[str]) -> str:
             count["storm recovery runs (grace 0)"] += int(ev.get("runs", 0))
         elif fault == "operator-mistake":
             count[f"recovery runs with a {ev.get('mistake')}"] += 1
+        elif fault == "undo-retried":
+            count["Toxiproxy calls retried while undoing a network fault"] += int(
+                ev.get("calls", 0))
+        elif fault in ("undo-failed", "injector-error"):
+            count[f"harness: {fault} (Toxiproxy reset)"] += 1
     parts = [f"kill -9 at a protocol step {sum(kills.values())}"]
     parts += [f"{k} {v}" for k, v in count.items() if "network" not in k]
     if count["network cuts"]:

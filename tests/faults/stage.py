@@ -92,14 +92,19 @@ log = logging.getLogger("tests.faults.stage")
 
 class Reasons(logging.Handler):
     """The coordinator's last warning (why a transaction rolled back or was retried): a
-    handler on the ``coordinator`` logger."""
+    handler on the ``coordinator`` logger. ``run_consumer`` dropping messages the consumer
+    handed over again below the committed offset goes to the stage's log
+    (``redelivered``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: crash_worker.CrashState) -> None:
         super().__init__(logging.WARNING)
         self.last: str | None = None
+        self.state = state
 
     def emit(self, record: logging.LogRecord) -> None:
         self.last = record.getMessage()[:300]
+        if "delivered again although" in self.last:
+            self.state.emit(event="redelivered", text=self.last, t=time.time())
 
 
 class Stage:
@@ -120,7 +125,7 @@ class Stage:
         self.lose: str | None = None
         """``lost-commit:<mode>`` armed for the current transaction (``StageProducer``)."""
         self.lost = False
-        self.reasons = Reasons()
+        self.reasons = Reasons(state)
         logging.getLogger("coordinator").addHandler(self.reasons)
         self.insert = sql.SQL(
             "INSERT INTO {} (phase, part, off, in_id, tx, instance) SELECT %s, p, o, k, %s, "

@@ -55,6 +55,9 @@ class StageLogs:
     reasons: Counter[str] = field(default_factory=Counter)
     """Why transactions rolled back (the error code in the coordinator's warning)."""
     starts: int = 0
+    redelivered: list[str] = field(default_factory=list)
+    """``run_consumer``'s warnings: messages below the committed offset handed over again
+    (and dropped)."""
     recovered: set[str] = field(default_factory=set)
     """gids ``recover_own`` committed or rolled back."""
 
@@ -115,6 +118,8 @@ def _read_one(out: StageLogs, phase: int, instance: str, raw: list[str]) -> None
             out.faults_per_phase[phase] += 1
         elif ev == "failed":
             out.failures[str(ln.get("error"))] += 1
+        elif ev == "redelivered":
+            out.redelivered.append(f"{instance}: {ln.get('text')}")
         elif ev == "recover_own":
             out.recovered.update(ln.get("committed", []))
             out.recovered.update(ln.get("rolled_back", []))
