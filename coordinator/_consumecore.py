@@ -26,7 +26,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaException, Message
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from ._consumed import rewind
 from ._effects import Blocking, Execute, Result, Sleep
@@ -163,7 +163,11 @@ class ConsumeLoop:
     attempts: dict[tuple[str, int, int], int] = field(default_factory=dict)
     failures_in_a_row: int = 0
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
-    """Per partition, the offset this loop's own commits have reached."""
+    """Per partition, an offset the group's committed offset is known to have reached
+    (by this loop's own commits, or as Kafka answered)."""
+    position: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Per partition, the offset after the last message the loop read, as long as
+    nothing is known to have moved the consumer elsewhere (a rewind forgets it)."""
 
     def run(self) -> _Flow[ConsumerStats]:
         """Consume and handle batches until stopped."""
@@ -171,18 +175,112 @@ class ConsumeLoop:
                                     num_messages=self.settings.batch_size,
                                     timeout=self.settings.batch_timeout)
         while not self.stopped():
-            batch = []
-            for m in (yield Blocking(consume)):
-                err = m.error()
-                if err is None:
-                    batch.append(m)
-                elif err.fatal():
-                    raise KafkaException(err)
-                else:
-                    log.debug("consumer event: %s", err.str(), extra=self._extra())
-            if batch:
+            read: list[Message] = []
+            try:
+                for m in (yield Blocking(consume)):
+                    err = m.error()
+                    if err is None:
+                        read.append(m)
+                    elif err.fatal():
+                        raise KafkaException(err)
+                    else:
+                        log.debug("consumer event: %s", err.str(), extra=self._extra())
+                batch = yield from self._not_committed(read)
+            except GeneratorExit:
+                raise
+            except BaseException:
+                # Ctrl-C or a cancelled task inside consume(), a fatal consumer error:
+                # the consumer may have handed over messages this loop never saw, so
+                # every assigned partition goes back to its committed offset.
+                with contextlib.suppress(Exception):
+                    yield from self._rewind_assigned(read)
+                raise
+            if batch is None:  # Kafka did not say what is committed: try again later
+                yield from self._rewind(read)
+                yield from self._back_off()
+            elif batch:
                 yield from self.batch(batch)
         return self.stats
+
+    def _not_committed(self, read: list[Message]) -> _Flow[list[Message] | None]:
+        """``read`` without the messages that are already committed; None when Kafka
+        could not say which those are.
+
+        A consumer can hand over committed messages again: its position is set from
+        the group's committed offsets at each assignment, and when that goes wrong
+        (an offset answer that crosses a rebalance; a seek that crosses the offset
+        lookup) it starts from ``auto.offset.reset`` -- with ``earliest``, the start of
+        the partition -- and a second transaction would consume what the first one
+        did. Committed offsets only grow, so a message below one is done: it is
+        dropped here, and the consumer moved up to the committed offset. Where this
+        loop's own commits reached is known at no cost; the group's committed offset
+        is asked from Kafka for a partition the loop is not reading on from where it
+        was: new to it, rewound, or read from below its last position."""
+        if not read:
+            return read
+        first: dict[tuple[str, int], int] = {}
+        last: dict[tuple[str, int], int] = {}
+        for m in read:
+            key, offset = (str(m.topic()), int(m.partition() or 0)), int(m.offset() or 0)
+            first[key] = min(first.get(key, offset), offset)
+            last[key] = max(last.get(key, offset), offset)
+        ask = [key for key, offset in first.items()
+               if key not in self.position or offset < self.position[key]]
+        if ask:
+            try:
+                answer = yield Blocking(functools.partial(
+                    self.consumer.committed, [TopicPartition(t, p) for t, p in ask],
+                    self.kafka_timeout))
+                for tp in answer:
+                    if tp.error is not None:
+                        raise KafkaException(tp.error)
+            except KafkaException as exc:
+                log.warning("cannot read the committed offsets of %s (%s); consuming "
+                            "again", ask, describe(exc), extra=self._extra())
+                return None
+            for tp in answer:
+                if tp.offset >= 0:
+                    self._known_committed((tp.topic, tp.partition), tp.offset)
+        batch = [m for m in read if int(m.offset() or 0) >= self.committed.get(
+            (str(m.topic()), int(m.partition() or 0)), 0)]
+        self.position.update((key, offset + 1) for key, offset in last.items())
+        if len(batch) == len(read):
+            return batch
+        for key, floor in ((k, self.committed.get(k, 0)) for k in first):
+            if first[key] >= floor:
+                continue
+            log.warning("%s[%d]: offsets %d to %d delivered again although the group's "
+                        "committed offset is %d (the consumer's position was reset); "
+                        "not handling them again", key[0], key[1], first[key],
+                        min(last[key], floor - 1), floor, extra=self._extra())
+            if last[key] < floor:  # nothing of it left in the batch: jump ahead
+                try:
+                    yield Blocking(functools.partial(
+                        self.consumer.seek, TopicPartition(key[0], key[1], floor)))
+                    self.position[key] = floor
+                except KafkaException:
+                    self.position.pop(key, None)  # no longer assigned
+        return batch
+
+    def _known_committed(self, key: tuple[str, int], offset: int) -> None:
+        self.committed[key] = max(self.committed.get(key, 0), offset)
+
+    def _back_off(self) -> _Flow[None]:
+        self.failures_in_a_row += 1
+        self.stats.retries += 1
+        yield Sleep(min(5.0, 0.1 * 2 ** self.failures_in_a_row), self.settings.sleep)
+
+    def _rewind_assigned(self, read: Sequence[Message]) -> _Flow[None]:
+        """Every assigned partition back to the group's committed offset; where that
+        cannot be read, to the first offset of ``read`` (what the loop saw of it), and
+        a partition of which the loop saw nothing stays put (no offset is guessed)."""
+        assignment = yield Blocking(self.consumer.assignment)
+        fallback: dict[tuple[str, int], int | None] = {
+            (tp.topic, tp.partition): None for tp in assignment}
+        fallback.update(self._first_offsets(read))
+        self.position.clear()
+        yield Blocking(functools.partial(rewind, self.consumer, fallback, self.kafka_timeout,
+                                         self._extra()))
 
     def batch(self, messages: list[Message]) -> _Flow[None]:
         """Commit or dead-letter every message of a consumed batch, in order.
@@ -196,9 +294,11 @@ class ConsumeLoop:
         try:
             if (yield from self._settle(messages, read)):
                 return
-        except (PoisonMessage, GeneratorExit):
-            raise  # the consumer stays at that message / the flow is closed: no effects
-        except BaseException:  # an error, a cancelled task, Ctrl-C
+        except GeneratorExit:
+            raise  # the flow is closed: no more effects
+        except BaseException:  # an error, a poison message, a cancelled task, Ctrl-C
+            # (a poison message's partition goes back to it: it is the first message
+            # of its partition that did not commit)
             with contextlib.suppress(Exception):
                 yield from self._rewind(read)
             raise
@@ -235,11 +335,9 @@ class ConsumeLoop:
                 # The coordinator's failure, not the handler's (a service down, a
                 # rebalance fencing the batch): go back to the committed offsets and
                 # consume again, which also serves the consumer's group events.
-                self.failures_in_a_row += 1
-                self.stats.retries += 1
                 log.warning("batch of %d rolled back (%s); consuming it again", len(part), exc,
                             extra=self._extra(exc.gid))
-                yield Sleep(min(5.0, 0.1 * 2 ** self.failures_in_a_row), self.settings.sleep)
+                yield from self._back_off()
                 return False
         return not rewound and not self.stopped()
 
@@ -253,8 +351,8 @@ class ConsumeLoop:
 
     def _committed(self, part: Sequence[Message]) -> None:
         for m in part:
-            key = (str(m.topic()), int(m.partition() or 0))
-            self.committed[key] = max(self.committed.get(key, 0), int(m.offset() or 0) + 1)
+            self._known_committed((str(m.topic()), int(m.partition() or 0)),
+                                  int(m.offset() or 0) + 1)
 
     def _after_handler_failure(self, part: list[Message],
                                cause: BaseException) -> _Flow[list[list[Message]]]:
@@ -270,7 +368,6 @@ class ConsumeLoop:
         if self.attempts[key] < self.settings.max_attempts:
             return [part]
         if self.settings.dead_letter_topic is None:
-            yield from self._rewind([msg])
             raise PoisonMessage(
                 f"the handler failed {self.attempts[key]} times on {key[0]}[{key[1]}] offset "
                 f"{key[2]} ({describe(cause)}) and there is no dead-letter topic; the "
@@ -307,15 +404,19 @@ class ConsumeLoop:
         assigned = {(tp.topic, tp.partition) for tp in assignment}
         return [m for m in part if (m.topic(), m.partition()) in assigned]
 
-    def _rewind(self, messages: Sequence[Message]) -> _Flow[None]:
-        # Where to go if the group's committed offsets cannot be read: the batch's
-        # first offsets, but never back over what this loop committed itself.
+    def _first_offsets(self, messages: Sequence[Message]) -> dict[tuple[str, int], int]:
+        """Per partition, the lowest offset of ``messages`` not committed by this loop:
+        where to rewind to when the group's committed offsets cannot be read."""
         first: dict[tuple[str, int], int] = {}
         for m in messages:
             key = (str(m.topic()), int(m.partition() or 0))
             first[key] = min(first.get(key, int(m.offset() or 0)), int(m.offset() or 0))
+        return {key: max(offset, self.committed.get(key, 0)) for key, offset in first.items()}
+
+    def _rewind(self, messages: Sequence[Message]) -> _Flow[None]:
+        first = self._first_offsets(messages)
         for key in first:
-            first[key] = max(first[key], self.committed.get(key, 0))
+            self.position.pop(key, None)
         yield Blocking(functools.partial(rewind, self.consumer, first, self.kafka_timeout,
                                          self._extra()))
 

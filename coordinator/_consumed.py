@@ -53,13 +53,14 @@ class ConsumedBatch:
                                tuple((t, p, o) for (t, p), o in sorted(self.next.items())))
 
 
-def rewind(consumer: Consumer, first: dict[tuple[str, int], int], timeout: float,
+def rewind(consumer: Consumer, first: Mapping[tuple[str, int], int | None], timeout: float,
            extra: Mapping[str, object] | None = None) -> None:
     """Seek each partition back to the group's committed offset, so that what did
     not commit is delivered again. ``first`` is where to go when the group has no
     offset yet or its offsets cannot be read: the lowest offset known not to be
-    committed. Partitions no longer assigned are left to their new owner, which
-    starts from the committed offsets."""
+    committed; None: not known (that partition is then left where it is, and the
+    warning says so). Partitions no longer assigned are left to their new owner,
+    which starts from the committed offsets."""
     if not first:
         return
     try:
@@ -70,6 +71,10 @@ def rewind(consumer: Consumer, first: dict[tuple[str, int], int], timeout: float
         committed = [TopicPartition(t, p, -1) for t, p in first]
     for tp in committed:
         offset = tp.offset if tp.offset >= 0 else first[(tp.topic, tp.partition)]
+        if offset is None:
+            log.warning("not rewinding %s[%d]: its committed offset is not known",
+                        tp.topic, tp.partition, extra=extra)
+            continue
         try:
             consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
         except KafkaException as exc:

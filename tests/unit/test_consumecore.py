@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from coordinator import CommittedPendingRecovery, OutcomeUnknown, PoisonMessage, ServiceUnavailable
 from coordinator._consumecore import (
@@ -43,8 +43,17 @@ class FakeConsumer:
     seeks: list[tuple[int, int]] = field(default_factory=list)
     polled: list[Message] = field(default_factory=list)
     """What the polls return (of partitions a rebalance assigned meanwhile), then None."""
+    group: dict[int, int] = field(default_factory=dict)
+    """The group's committed offsets, per partition."""
+    committed_calls: int = 0
+    committed_fails: set[int] = field(default_factory=set)
+    """Which calls of committed() (1, 2, ...) time out."""
+    consume_raises: BaseException | None = None
+    """What consume() raises once the scripted batches have run out."""
 
     def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        if not self.batches and self.consume_raises is not None:
+            raise self.consume_raises
         self.done = not self.batches
         return self.batches.pop(0) if self.batches else []
 
@@ -52,7 +61,11 @@ class FakeConsumer:
         return [TopicPartition("in", 0), TopicPartition("in", 1)]
 
     def committed(self, tps: list[TopicPartition], timeout: float) -> list[TopicPartition]:
-        return [TopicPartition(tp.topic, tp.partition, -1001) for tp in tps]
+        self.committed_calls += 1
+        if self.committed_calls in self.committed_fails:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return [TopicPartition(tp.topic, tp.partition, self.group.get(tp.partition, -1001))
+                for tp in tps]
 
     def seek(self, tp: TopicPartition) -> None:
         self.seeks.append((tp.partition, tp.offset))
@@ -78,6 +91,8 @@ class World:
     prepared: list[bool | Exception] = field(default_factory=list)
     """The answers to "is the gid still prepared?" (an exception: raised)."""
     commit_errors: list[Exception] = field(default_factory=list)
+    unknown_committed: bool = False
+    """An OutcomeUnknown of ``commit_errors`` is a transaction that did commit."""
     ran: list[list[int]] = field(default_factory=list)
     letters: list[DeadLetter] = field(default_factory=list)
     slept: list[float] = field(default_factory=list)
@@ -104,8 +119,15 @@ class World:
                 self.ran.append([int(m.offset() or 0) for m in messages])
                 with handler_failures():
                     self.outcome(messages)
-                if self.commit_errors:
-                    raise self.commit_errors.pop(0)
+                error = self.commit_errors.pop(0) if self.commit_errors else None
+                if error is None or (isinstance(error, OutcomeUnknown)
+                                     and self.unknown_committed):
+                    for m in messages:  # the offsets commit with the transaction
+                        p = int(m.partition() or 0)
+                        self.consumer.group[p] = max(self.consumer.group.get(p, 0),
+                                                     int(m.offset() or 0) + 1)
+                if error is not None:
+                    raise error
         return None
 
 
@@ -209,6 +231,75 @@ def test_messages_of_partitions_no_longer_assigned_are_left_to_their_new_owner()
     w = World(FakeConsumer([msgs(0, 1) + msgs(5, partition=7)]), lambda messages: None)
     stats = w.run()
     assert w.ran == [[0, 1]] and stats.messages == 2
+
+
+def test_messages_delivered_again_below_the_committed_offset_are_not_handled_again() -> None:
+    """The consumer's position reset to the start of the partition (as librdkafka does
+    when an offset lookup crosses a rebalance): what the loop committed is dropped."""
+    consumer = FakeConsumer([msgs(0, 1, 2, 3), msgs(0, 1, 2, 3, 4, 5)])
+    w = World(consumer, lambda messages: None)
+    stats = w.run()
+    assert w.ran == [[0, 1, 2, 3], [4, 5]]
+    assert stats.messages == 6
+
+
+def test_a_partition_new_to_the_loop_is_checked_against_the_group() -> None:
+    """Another member committed up to 3 before this one got the partition and (its
+    offset lookup gone wrong) reads it from 0."""
+    consumer = FakeConsumer([msgs(0, 1, 2, 3, 4)], group={0: 3})
+    w = World(consumer, lambda messages: None)
+    w.run()
+    assert w.ran == [[3, 4]]
+
+
+def test_a_batch_wholly_below_the_committed_offset_moves_the_consumer_up() -> None:
+    consumer = FakeConsumer([msgs(0, 1, 2), msgs(10, 11), msgs(12)], group={0: 10})
+    w = World(consumer, lambda messages: None)
+    w.run()
+    assert w.ran == [[10, 11], [12]]
+    assert consumer.seeks == [(0, 10)]
+    assert consumer.committed_calls == 1  # reading on from where it was: nothing to ask
+
+
+def test_committed_offsets_kafka_cannot_tell_are_asked_again() -> None:
+    consumer = FakeConsumer([msgs(0, 1), msgs(0, 1)], group={0: 1}, committed_fails={1, 2})
+    w = World(consumer, lambda messages: None)
+    stats = w.run()
+    assert w.ran == [[1]]
+    assert consumer.seeks == [(0, 0)]  # the rewind's own question failed too: first offsets
+    assert w.slept == [0.2] and stats.retries == 1
+
+
+def test_an_unknown_outcome_that_committed_is_not_consumed_twice() -> None:
+    """The rewind after the wait cannot read the committed offsets and goes back to
+    the batch's first offsets; the batch comes again, and is found committed."""
+    consumer = FakeConsumer([msgs(0, 1), msgs(0, 1), msgs(2)], committed_fails={2})
+    w = World(consumer, lambda messages: None, prepared=[False], unknown_committed=True,
+              commit_errors=[OutcomeUnknown("the Kafka commit timed out", gid="g-1")])
+    w.run()
+    assert w.ran == [[0, 1], [2]]
+    assert consumer.seeks == [(0, 0), (0, 2)]  # the fallback, then up to the committed offset
+
+
+def test_an_interrupt_inside_consume_rewinds_every_assigned_partition() -> None:
+    """Ctrl-C (or a cancelled task) while consume() runs: it may have taken messages
+    from the consumer that the loop never sees; a later run skips none of them."""
+    consumer = FakeConsumer([msgs(5, 6)], group={0: 5, 1: 7},
+                            consume_raises=KeyboardInterrupt())
+    w = World(consumer, lambda messages: None)
+    with pytest.raises(KeyboardInterrupt):
+        w.run()
+    assert w.ran == [[5, 6]]
+    assert sorted(consumer.seeks) == [(0, 7), (1, 7)]
+
+
+def test_a_poison_message_rewinds_the_batchs_other_partitions_too() -> None:
+    consumer = FakeConsumer([msgs(0) + msgs(5, 6, partition=1)])
+    w = World(consumer, poison_at(0))
+    with pytest.raises(PoisonMessage):
+        w.run(max_attempts=1)
+    assert w.ran == [[0, 5, 6], [0]]
+    assert sorted(consumer.seeks) == [(0, 0), (1, 5)]
 
 
 def test_handler_failures_tell_an_outage_from_the_handlers_own_failure() -> None:
