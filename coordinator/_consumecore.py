@@ -167,7 +167,11 @@ class ConsumeLoop:
     (by this loop's own commits, or as Kafka answered)."""
     position: dict[tuple[str, int], int] = field(default_factory=dict)
     """Per partition, the offset after the last message the loop read, as long as
-    nothing is known to have moved the consumer elsewhere (a rewind forgets it)."""
+    nothing is known to have moved the consumer elsewhere (a rewind or a rebalance
+    forgets it)."""
+    group_metadata: object = None
+    """The consumer's group metadata when last looked at (it changes with the group's
+    generation, at every rebalance)."""
 
     def run(self) -> _Flow[ConsumerStats]:
         """Consume and handle batches until stopped."""
@@ -185,7 +189,10 @@ class ConsumeLoop:
                         raise KafkaException(err)
                     else:
                         log.debug("consumer event: %s", err.str(), extra=self._extra())
+                yield from self._follow_rebalances()
                 batch = yield from self._not_committed(read)
+                if batch is None:  # Kafka did not say what is committed: try again later
+                    yield from self._rewind(read)
             except GeneratorExit:
                 raise
             except BaseException:
@@ -195,12 +202,24 @@ class ConsumeLoop:
                 with contextlib.suppress(Exception):
                     yield from self._rewind_assigned(read)
                 raise
-            if batch is None:  # Kafka did not say what is committed: try again later
-                yield from self._rewind(read)
+            if batch is None:
                 yield from self._back_off()
             elif batch:
                 yield from self.batch(batch)
         return self.stats
+
+    def _follow_rebalances(self) -> _Flow[None]:
+        """Forget every partition's position when the group's generation changed (the
+        consumer's group metadata, read locally, carries it): a partition revoked and
+        assigned back, even within one consume() call, starts from an offset lookup,
+        so its next batch is checked against the group's committed offset."""
+        try:
+            metadata = yield Blocking(self.consumer.consumer_group_metadata)
+        except KafkaException:
+            metadata = None
+        if metadata is None or metadata != self.group_metadata:
+            self.position.clear()
+        self.group_metadata = metadata
 
     def _not_committed(self, read: list[Message]) -> _Flow[list[Message] | None]:
         """``read`` without the messages that are already committed; None when Kafka
@@ -211,11 +230,12 @@ class ConsumeLoop:
         (an offset answer that crosses a rebalance; a seek that crosses the offset
         lookup) it starts from ``auto.offset.reset`` -- with ``earliest``, the start of
         the partition -- and a second transaction would consume what the first one
-        did. Committed offsets only grow, so a message below one is done: it is
-        dropped here, and the consumer moved up to the committed offset. Where this
-        loop's own commits reached is known at no cost; the group's committed offset
-        is asked from Kafka for a partition the loop is not reading on from where it
-        was: new to it, rewound, or read from below its last position."""
+        did. An active group's committed offsets only grow, so a message below one is
+        done: it is dropped here, and the consumer moved up to the committed offset.
+        Where this loop's own commits reached is known at no cost; the group's
+        committed offset is asked from Kafka for a partition the loop is not reading
+        on from where it was: new to it, rewound, read from below its last position,
+        or after a rebalance (:meth:`_follow_rebalances`)."""
         if not read:
             return read
         first: dict[tuple[str, int], int] = {}
@@ -241,6 +261,9 @@ class ConsumeLoop:
             for tp in answer:
                 if tp.offset >= 0:
                     self._known_committed((tp.topic, tp.partition), tp.offset)
+                else:  # none at all: the group's offsets of it were deleted (the topic
+                    # deleted and created again), so what the loop committed is gone too
+                    self.committed.pop((tp.topic, tp.partition), None)
         batch = [m for m in read if int(m.offset() or 0) >= self.committed.get(
             (str(m.topic()), int(m.partition() or 0)), 0)]
         self.position.update((key, offset + 1) for key, offset in last.items())
@@ -294,6 +317,9 @@ class ConsumeLoop:
         try:
             if (yield from self._settle(messages, read)):
                 return
+            # Failed transactions rewound the consumer; move it to the committed offsets
+            # (past everything committed or dead-lettered, at anything that was not).
+            yield from self._rewind(read)
         except GeneratorExit:
             raise  # the flow is closed: no more effects
         except BaseException:  # an error, a poison message, a cancelled task, Ctrl-C
@@ -302,9 +328,6 @@ class ConsumeLoop:
             with contextlib.suppress(Exception):
                 yield from self._rewind(read)
             raise
-        # Failed transactions rewound the consumer; move it to the committed offsets
-        # (past everything committed or dead-lettered, at anything that was not).
-        yield from self._rewind(read)
 
     def _settle(self, messages: list[Message], read: list[Message]) -> _Flow[bool]:
         """:meth:`batch`'s work; whether the consumer is where it should be (every
@@ -319,13 +342,17 @@ class ConsumeLoop:
             if not part:
                 continue
             try:
-                yield from self._commit(part)
-                self.failures_in_a_row = 0
-                continue
-            except HandlerFailed as exc:
+                try:
+                    yield from self._commit(part)
+                    self.failures_in_a_row = 0
+                    continue
+                except HandlerFailed as exc:
+                    cause = exc.cause
+                # Outside the except clause: what the dead-letter transaction raises
+                # is handled below like any transaction's failure.
                 rewound = True
                 self.stats.handler_failures += 1
-                pending[:0] = yield from self._after_handler_failure(part, exc.cause)
+                pending[:0] = yield from self._after_handler_failure(part, cause)
             except OutcomeUnknown as exc:
                 yield from self._wait_decided(exc.gid, read)
                 return False  # the committed offsets say which way it went

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, TopicPartition
 
 from ._errmap import describe
 from ._kafka import ConsumedOffsets
@@ -58,19 +58,24 @@ def rewind(consumer: Consumer, first: Mapping[tuple[str, int], int | None], time
     """Seek each partition back to the group's committed offset, so that what did
     not commit is delivered again. ``first`` is where to go when the group has no
     offset yet or its offsets cannot be read: the lowest offset known not to be
-    committed; None: not known (that partition is then left where it is, and the
-    warning says so). Partitions no longer assigned are left to their new owner,
-    which starts from the committed offsets."""
+    committed; None: not known -- then a partition the group has no offset for goes
+    where a new assignment would (``auto.offset.reset``), and one whose offset could not
+    be read is left where it is (the warning says so). Partitions no longer assigned
+    are left to their new owner, which starts from the committed offsets."""
     if not first:
         return
+    answered = True
     try:
         committed = consumer.committed([TopicPartition(t, p) for t, p in first], timeout)
     except KafkaException as exc:
+        answered = False
         log.warning("cannot read the committed offsets to rewind (%s); seeking to the "
                     "batch's first offsets", describe(exc), extra=extra)
         committed = [TopicPartition(t, p, -1) for t, p in first]
     for tp in committed:
         offset = tp.offset if tp.offset >= 0 else first[(tp.topic, tp.partition)]
+        if offset is None and answered and tp.error is None:
+            offset = OFFSET_INVALID  # no committed offset: as at assignment
         if offset is None:
             log.warning("not rewinding %s[%d]: its committed offset is not known",
                         tp.topic, tp.partition, extra=extra)

@@ -1,8 +1,9 @@
-"""A scriptable stand-in for confluent-kafka's transactional producer, for unit tests
-of the coordinator's Kafka logic where only Kafka-internal timing could produce a case
-(an abortable error after a retried commit, a session replaced between two calls), and
-of the group committer's batching (which decision records each Kafka transaction
-carried). Integration tests always use the real broker."""
+"""Scriptable stand-ins for confluent-kafka's transactional producer and consumer, for
+unit tests of the coordinator's Kafka logic where only Kafka-internal timing could
+produce a case (an abortable error after a retried commit, a session replaced between
+two calls, an offset lookup gone wrong), of the group committer's batching (which
+decision records each Kafka transaction carried) and of the consume loop's decisions.
+Integration tests always use the real broker."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 
 def kafka_error(code: int, *, retriable: bool = False, txn_requires_abort: bool = False,
@@ -129,3 +130,57 @@ class FakeKafka:
 
     def hw(self, partition: int) -> int:
         return self.high_watermark
+
+
+@dataclass
+class FakeConsumer:
+    """Delivers scripted batches, then nothing; records pauses, resumes and seeks."""
+
+    batches: list[list[Message]]
+    done: bool = False
+    """The script has run out (the loop's stop)."""
+    calls: list[str] = field(default_factory=list)
+    seeks: list[tuple[int, int]] = field(default_factory=list)
+    polled: list[Message] = field(default_factory=list)
+    """What the polls return (of partitions a rebalance assigned meanwhile), then None."""
+    group: dict[int, int] = field(default_factory=dict)
+    """The group's committed offsets, per partition."""
+    committed_calls: int = 0
+    committed_fails: set[int] = field(default_factory=set)
+    """Which calls of committed() (1, 2, ...) time out."""
+    consume_raises: BaseException | None = None
+    """What consume() raises once the scripted batches have run out."""
+    generation: int = 1
+    """The group's generation (a rebalance raises it)."""
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        if not self.batches and self.consume_raises is not None:
+            raise self.consume_raises
+        self.done = not self.batches
+        return self.batches.pop(0) if self.batches else []
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition("in", 0), TopicPartition("in", 1)]
+
+    def consumer_group_metadata(self) -> bytes:
+        return f"group in, generation {self.generation}".encode()
+
+    def committed(self, tps: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        self.committed_calls += 1
+        if self.committed_calls in self.committed_fails:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return [TopicPartition(tp.topic, tp.partition, self.group.get(tp.partition, -1001))
+                for tp in tps]
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.seeks.append((tp.partition, tp.offset))
+
+    def pause(self, tps: list[TopicPartition]) -> None:
+        self.calls.append("pause")
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        self.calls.append("resume")
+
+    def poll(self, timeout: float) -> Message | None:
+        self.calls.append("poll")
+        return self.polled.pop(0) if self.polled else None

@@ -5,15 +5,28 @@ when it slept, where it rewound, how it waited for recovery."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, cast
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    Message,
+    TopicPartition,
+)
 
-from coordinator import CommittedPendingRecovery, OutcomeUnknown, PoisonMessage, ServiceUnavailable
+from coordinator import (
+    CommittedPendingRecovery,
+    OutcomeUnknown,
+    PoisonMessage,
+    ServiceUnavailable,
+)
 from coordinator._consumecore import (
     ConsumeEffect,
     ConsumeLoop,
@@ -25,60 +38,12 @@ from coordinator._consumecore import (
     handler_failures,
 )
 from coordinator._effects import Blocking, Execute, Result, Sleep, drive, run_now
+from tests.fakes import FakeConsumer
 
 
 def msgs(*offsets: int, partition: int = 0) -> list[Message]:
     return [Message(topic="in", partition=partition, offset=o, key=f"k{o}".encode(),
                     value=f"v{o}".encode(), headers=None, error=None) for o in offsets]
-
-
-@dataclass
-class FakeConsumer:
-    """Delivers scripted batches, then nothing; records pauses, resumes and seeks."""
-
-    batches: list[list[Message]]
-    done: bool = False
-    """The script has run out (the loop's stop)."""
-    calls: list[str] = field(default_factory=list)
-    seeks: list[tuple[int, int]] = field(default_factory=list)
-    polled: list[Message] = field(default_factory=list)
-    """What the polls return (of partitions a rebalance assigned meanwhile), then None."""
-    group: dict[int, int] = field(default_factory=dict)
-    """The group's committed offsets, per partition."""
-    committed_calls: int = 0
-    committed_fails: set[int] = field(default_factory=set)
-    """Which calls of committed() (1, 2, ...) time out."""
-    consume_raises: BaseException | None = None
-    """What consume() raises once the scripted batches have run out."""
-
-    def consume(self, num_messages: int, timeout: float) -> list[Message]:
-        if not self.batches and self.consume_raises is not None:
-            raise self.consume_raises
-        self.done = not self.batches
-        return self.batches.pop(0) if self.batches else []
-
-    def assignment(self) -> list[TopicPartition]:
-        return [TopicPartition("in", 0), TopicPartition("in", 1)]
-
-    def committed(self, tps: list[TopicPartition], timeout: float) -> list[TopicPartition]:
-        self.committed_calls += 1
-        if self.committed_calls in self.committed_fails:
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
-        return [TopicPartition(tp.topic, tp.partition, self.group.get(tp.partition, -1001))
-                for tp in tps]
-
-    def seek(self, tp: TopicPartition) -> None:
-        self.seeks.append((tp.partition, tp.offset))
-
-    def pause(self, tps: list[TopicPartition]) -> None:
-        self.calls.append("pause")
-
-    def resume(self, tps: list[TopicPartition]) -> None:
-        self.calls.append("resume")
-
-    def poll(self, timeout: float) -> Message | None:
-        self.calls.append("poll")
-        return self.polled.pop(0) if self.polled else None
 
 
 @dataclass
@@ -300,6 +265,124 @@ def test_a_poison_message_rewinds_the_batchs_other_partitions_too() -> None:
         w.run(max_attempts=1)
     assert w.ran == [[0, 5, 6], [0]]
     assert sorted(consumer.seeks) == [(0, 0), (1, 5)]
+
+
+def test_a_partition_without_a_committed_offset_goes_where_an_assignment_would() -> None:
+    """Ctrl-C inside consume(): the call may have moved a partition the loop saw nothing
+    of past messages it then dropped; with no committed offset in the group, the
+    partition goes back to ``auto.offset.reset`` (a seek to OFFSET_INVALID)."""
+    consumer = FakeConsumer([msgs(5, 6)], group={0: 5}, consume_raises=KeyboardInterrupt())
+    w = World(consumer, lambda messages: None)
+    with pytest.raises(KeyboardInterrupt):
+        w.run()
+    assert sorted(consumer.seeks) == [(0, 7), (1, OFFSET_INVALID)]
+
+
+@dataclass
+class Reassigning(FakeConsumer):
+    """Before the second batch, partition 0 went to another member (which committed up
+    to 21) and came back, its offset lookup gone wrong (it reads from 16)."""
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        if len(self.batches) == 1:
+            self.group[0] = 21
+            self.generation += 2
+        return super().consume(num_messages, timeout)
+
+
+def test_a_partition_assigned_back_is_checked_against_the_group_again() -> None:
+    consumer = Reassigning([msgs(*range(11)), msgs(*range(16, 21))])
+    w = World(consumer, lambda messages: None)
+    w.run()
+    assert w.ran == [list(range(11))]
+    assert consumer.seeks == [(0, 21)]
+
+
+@dataclass
+class Recreated(FakeConsumer):
+    """Before the second batch, the topic was deleted and created again: the group has
+    no offset of it any more."""
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        if len(self.batches) == 1:
+            self.group.pop(0, None)
+        return super().consume(num_messages, timeout)
+
+
+def test_a_topic_created_again_is_consumed_from_its_start() -> None:
+    consumer = Recreated([msgs(*range(10)), msgs(0, 1, 2)])
+    w = World(consumer, lambda messages: None)
+    w.run()
+    assert w.ran == [list(range(10)), [0, 1, 2]]
+
+
+@dataclass
+class HeldWorld(World):
+    """Performs effects as the asyncio driver does when its task is cancelled during
+    a consumer call: the call's result is handed over, the cancellation thrown in at
+    the next effect."""
+
+    cancel_during: str = ""
+    held: list[BaseException] = field(default_factory=list)
+
+    async def perform(self, effect: ConsumeEffect) -> Any:
+        if self.held:
+            raise self.held.pop()
+        result = await super().perform(effect)
+        if isinstance(effect, Blocking):
+            name = getattr(getattr(effect.call, "func", effect.call), "__name__", "")
+            if name == self.cancel_during:
+                self.held.append(asyncio.CancelledError())
+                self.cancel_during = ""
+        return result
+
+
+def test_a_cancellation_at_the_end_of_the_wait_for_recovery_still_rewinds() -> None:
+    consumer = FakeConsumer([msgs(0, 1)])
+    w = HeldWorld(consumer, lambda messages: None, prepared=[True, False],
+                  commit_errors=[OutcomeUnknown("the Kafka commit timed out", gid="g-1")],
+                  cancel_during="resume")
+    with pytest.raises(asyncio.CancelledError):
+        w.run()
+    assert consumer.seeks == [(0, 0)]
+
+
+@dataclass
+class PartitionError(FakeConsumer):
+    """The check's question is answered with an error for the partition."""
+
+    def committed(self, tps: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        if self.committed_calls == 0:
+            self.committed_calls += 1
+            return [cast(TopicPartition, SimpleNamespace(
+                topic=tp.topic, partition=tp.partition, offset=-1001,
+                error=KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))) for tp in tps]
+        return super().committed(tps, timeout)
+
+
+def test_a_cancellation_while_the_check_fails_still_rewinds() -> None:
+    consumer = PartitionError([msgs(0, 1)])
+    w = HeldWorld(consumer, lambda messages: None, cancel_during="committed")
+    with pytest.raises(asyncio.CancelledError):
+        w.run()
+    assert (0, 0) in consumer.seeks
+
+
+@dataclass
+class DeadLetterOutage(World):
+    """The first dead-letter transaction fails: Kafka is down."""
+
+    async def perform(self, effect: ConsumeEffect) -> Any:
+        if isinstance(effect, Transact) and effect.dead_letter is not None and not self.letters:
+            self.letters.append(effect.dead_letter)
+            raise ServiceUnavailable("Kafka: broker down")
+        return await super().perform(effect)
+
+
+def test_an_outage_during_the_dead_letter_transaction_is_retried() -> None:
+    w = DeadLetterOutage(FakeConsumer([msgs(0), msgs(0)]), poison_at(0))
+    stats = w.run(max_attempts=1, dead_letter_topic="dlq")
+    assert len(w.letters) == 2 and stats.dead_lettered == 1 and stats.retries == 1
 
 
 def test_handler_failures_tell_an_outage_from_the_handlers_own_failure() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, Message
 
 from coordinator._consumecore import (
     ConsumeEffect,
@@ -24,6 +24,7 @@ from coordinator._logging import log_extra
 from recovery import RecoveryConfig, RecoveryReport
 from recovery._logfields import fields
 from recovery._worker import _apply
+from tests.fakes import FakeConsumer
 
 ROOT = Path(__file__).resolve().parents[2]
 FIELDS = ("gid", "phase", "pk2pc_name", "instance")
@@ -82,31 +83,10 @@ def test_log_extra_names_the_owner_from_a_gid_or_a_transactional_id() -> None:
         "gid": None, "phase": "recovery", "pk2pc_name": "orders", "instance": "i-1"}
 
 
-class OneBatch:
-    """A consumer delivering one batch, then nothing."""
-
-    def __init__(self, messages: list[Message]) -> None:
-        self.batches = [messages]
-        self.done = False
-
-    def consume(self, num_messages: int, timeout: float) -> list[Message]:
-        self.done = not self.batches
-        return self.batches.pop(0) if self.batches else []
-
-    def assignment(self) -> list[TopicPartition]:
-        return [TopicPartition("in", 0)]
-
-    def committed(self, tps: list[TopicPartition], timeout: float) -> list[TopicPartition]:
-        return [TopicPartition(tp.topic, tp.partition, -1001) for tp in tps]
-
-    def seek(self, tp: TopicPartition) -> None:
-        pass
-
-
 def test_a_consume_loop_record_carries_the_fields(caplog: pytest.LogCaptureFixture) -> None:
     messages = [Message(topic="in", partition=0, offset=o, key=b"k", value=b"v",
                         headers=None, error=None) for o in (0, 1)]
-    consumer = OneBatch(messages)
+    consumer = FakeConsumer([messages])
 
     async def perform(effect: ConsumeEffect) -> Any:
         match effect:
