@@ -187,6 +187,10 @@ class ConsumeLoop:
                         read.append(m)
                     elif err.fatal():
                         raise KafkaException(err)
+                    elif m.partition() is not None and m.partition() >= 0:
+                        # e.g. _AUTO_OFFSET_RESET: that partition may have stopped
+                        log.warning("consumer error on %s[%s]: %s", m.topic(), m.partition(),
+                                    err.str(), extra=self._extra())
                     else:
                         log.debug("consumer event: %s", err.str(), extra=self._extra())
                 yield from self._follow_rebalances()
@@ -199,8 +203,7 @@ class ConsumeLoop:
                 # Ctrl-C or a cancelled task inside consume(), a fatal consumer error:
                 # the consumer may have handed over messages this loop never saw, so
                 # every assigned partition goes back to its committed offset.
-                with contextlib.suppress(Exception):
-                    yield from self._rewind_assigned(read)
+                yield from self._shielded(functools.partial(self._rewind_assigned, read))
                 raise
             if batch is None:
                 yield from self._back_off()
@@ -215,7 +218,7 @@ class ConsumeLoop:
         so its next batch is checked against the group's committed offset."""
         try:
             metadata = yield Blocking(self.consumer.consumer_group_metadata)
-        except KafkaException:
+        except (KafkaException, RuntimeError):  # RuntimeError: librdkafka returned none
             metadata = None
         if metadata is None or metadata != self.group_metadata:
             self.position.clear()
@@ -264,9 +267,29 @@ class ConsumeLoop:
                 else:  # none at all: the group's offsets of it were deleted (the topic
                     # deleted and created again), so what the loop committed is gone too
                     self.committed.pop((tp.topic, tp.partition), None)
-        batch = [m for m in read if int(m.offset() or 0) >= self.committed.get(
-            (str(m.topic()), int(m.partition() or 0)), 0)]
+        # Asked, and answered: a partition that starts above the group's committed
+        # offset may have been moved there by auto.offset.reset=latest (or an answer
+        # gone wrong). Send it back once and trust what it hands over from there: a gap
+        # of control records or aborted transactions comes again, a skip does not.
+        ahead = {key: self.committed[key] for key in ask
+                 if key in self.committed and self.committed[key] < first[key]}
+        for key, offset in ahead.items():
+            log.debug("%s[%d] starts at %d, above the group's committed offset %d: "
+                      "reading it again from there", key[0], key[1], first[key], offset,
+                      extra=self._extra())
+            try:
+                yield Blocking(functools.partial(
+                    self.consumer.seek, TopicPartition(key[0], key[1], offset)))
+            except KafkaException:
+                ahead[key] = -1  # no longer assigned
+        batch = [m for m in read if (key := (str(m.topic()), int(m.partition() or 0)))
+                 not in ahead and int(m.offset() or 0) >= self.committed.get(key, 0)]
         self.position.update((key, offset + 1) for key, offset in last.items())
+        for key, offset in ahead.items():
+            if offset >= 0:
+                self.position[key] = offset  # what it hands over from there is trusted
+            else:
+                self.position.pop(key, None)
         if len(batch) == len(read):
             return batch
         for key, floor in ((k, self.committed.get(k, 0)) for k in first):
@@ -288,10 +311,25 @@ class ConsumeLoop:
     def _known_committed(self, key: tuple[str, int], offset: int) -> None:
         self.committed[key] = max(self.committed.get(key, 0), offset)
 
+    def _shielded(self, flow: Callable[[], _Flow[None]]) -> _Flow[None]:
+        """A guard's rewind: an error in it is dropped (the guard re-raises its own), and a
+        cancellation thrown in at one of its effects (the asyncio driver raises a
+        cancellation it held instead of performing the next effect) runs it once more."""
+        try:
+            yield from flow()
+        except Exception:
+            pass
+        except GeneratorExit:
+            raise
+        except BaseException:
+            with contextlib.suppress(Exception):
+                yield from flow()
+            raise
+
     def _back_off(self) -> _Flow[None]:
         self.failures_in_a_row += 1
         self.stats.retries += 1
-        yield Sleep(min(5.0, 0.1 * 2 ** self.failures_in_a_row), self.settings.sleep)
+        yield Sleep(min(5.0, 0.1 * 2 ** min(self.failures_in_a_row, 6)), self.settings.sleep)
 
     def _rewind_assigned(self, read: Sequence[Message]) -> _Flow[None]:
         """Every assigned partition back to the group's committed offset; where that
@@ -325,8 +363,7 @@ class ConsumeLoop:
         except BaseException:  # an error, a poison message, a cancelled task, Ctrl-C
             # (a poison message's partition goes back to it: it is the first message
             # of its partition that did not commit)
-            with contextlib.suppress(Exception):
-                yield from self._rewind(read)
+            yield from self._shielded(functools.partial(self._rewind, read))
             raise
 
     def _settle(self, messages: list[Message], read: list[Message]) -> _Flow[bool]:
@@ -412,7 +449,8 @@ class ConsumeLoop:
                     ("pk2pc.dlq.partition", str(msg.partition()).encode()),
                     ("pk2pc.dlq.offset", str(msg.offset()).encode()),
                     ("pk2pc.dlq.error", describe(cause).encode())]
-        yield Transact([msg], DeadLetter(topic, msg.value(), msg.key(), headers))
+        with contextlib.suppress(CommittedPendingRecovery):  # committed; recovery ends it
+            yield Transact([msg], DeadLetter(topic, msg.value(), msg.key(), headers))
         self._committed([msg])
         self.stats.batches += 1
         self.stats.messages += 1
@@ -438,7 +476,7 @@ class ConsumeLoop:
         for m in messages:
             key = (str(m.topic()), int(m.partition() or 0))
             first[key] = min(first.get(key, int(m.offset() or 0)), int(m.offset() or 0))
-        return {key: max(offset, self.committed.get(key, 0)) for key, offset in first.items()}
+        return first
 
     def _rewind(self, messages: Sequence[Message]) -> _Flow[None]:
         first = self._first_offsets(messages)

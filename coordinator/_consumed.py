@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from ._errmap import describe
 from ._kafka import ConsumedOffsets
@@ -59,8 +59,8 @@ def rewind(consumer: Consumer, first: Mapping[tuple[str, int], int | None], time
     not commit is delivered again. ``first`` is where to go when the group has no
     offset yet or its offsets cannot be read: the lowest offset known not to be
     committed; None: not known -- then a partition the group has no offset for goes
-    where a new assignment would (``auto.offset.reset``), and one whose offset could not
-    be read is left where it is (the warning says so). Partitions no longer assigned
+    back to its start (nothing of it is committed), and one whose offset could not be
+    read is left where it is (the warning says so). Partitions no longer assigned
     are left to their new owner, which starts from the committed offsets."""
     if not first:
         return
@@ -75,7 +75,7 @@ def rewind(consumer: Consumer, first: Mapping[tuple[str, int], int | None], time
     for tp in committed:
         offset = tp.offset if tp.offset >= 0 else first[(tp.topic, tp.partition)]
         if offset is None and answered and tp.error is None:
-            offset = OFFSET_INVALID  # no committed offset: as at assignment
+            offset = OFFSET_BEGINNING  # no committed offset: nothing of it is committed
         if offset is None:
             log.warning("not rewinding %s[%d]: its committed offset is not known",
                         tp.topic, tp.partition, extra=extra)

@@ -14,7 +14,7 @@ from typing import Any, cast
 import psycopg
 import pytest
 from confluent_kafka import (
-    OFFSET_INVALID,
+    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     Message,
@@ -267,15 +267,15 @@ def test_a_poison_message_rewinds_the_batchs_other_partitions_too() -> None:
     assert sorted(consumer.seeks) == [(0, 0), (1, 5)]
 
 
-def test_a_partition_without_a_committed_offset_goes_where_an_assignment_would() -> None:
+def test_a_partition_without_a_committed_offset_goes_back_to_its_start() -> None:
     """Ctrl-C inside consume(): the call may have moved a partition the loop saw nothing
-    of past messages it then dropped; with no committed offset in the group, the
-    partition goes back to ``auto.offset.reset`` (a seek to OFFSET_INVALID)."""
+    of past messages it then dropped; with no committed offset in the group, nothing
+    of it is committed, so it goes back to its start."""
     consumer = FakeConsumer([msgs(5, 6)], group={0: 5}, consume_raises=KeyboardInterrupt())
     w = World(consumer, lambda messages: None)
     with pytest.raises(KeyboardInterrupt):
         w.run()
-    assert sorted(consumer.seeks) == [(0, 7), (1, OFFSET_INVALID)]
+    assert sorted(consumer.seeks) == [(0, 7), (1, OFFSET_BEGINNING)]
 
 
 @dataclass
@@ -320,9 +320,10 @@ def test_a_topic_created_again_is_consumed_from_its_start() -> None:
 class HeldWorld(World):
     """Performs effects as the asyncio driver does when its task is cancelled during
     a consumer call: the call's result is handed over, the cancellation thrown in at
-    the next effect."""
+    the next effect instead of performing it. ``cancel_during``: the calls during which
+    the task is cancelled, in order."""
 
-    cancel_during: str = ""
+    cancel_during: list[str] = field(default_factory=list)
     held: list[BaseException] = field(default_factory=list)
 
     async def perform(self, effect: ConsumeEffect) -> Any:
@@ -331,9 +332,9 @@ class HeldWorld(World):
         result = await super().perform(effect)
         if isinstance(effect, Blocking):
             name = getattr(getattr(effect.call, "func", effect.call), "__name__", "")
-            if name == self.cancel_during:
+            if self.cancel_during and name == self.cancel_during[0]:
+                self.cancel_during.pop(0)
                 self.held.append(asyncio.CancelledError())
-                self.cancel_during = ""
         return result
 
 
@@ -341,7 +342,7 @@ def test_a_cancellation_at_the_end_of_the_wait_for_recovery_still_rewinds() -> N
     consumer = FakeConsumer([msgs(0, 1)])
     w = HeldWorld(consumer, lambda messages: None, prepared=[True, False],
                   commit_errors=[OutcomeUnknown("the Kafka commit timed out", gid="g-1")],
-                  cancel_during="resume")
+                  cancel_during=["resume"])
     with pytest.raises(asyncio.CancelledError):
         w.run()
     assert consumer.seeks == [(0, 0)]
@@ -362,7 +363,7 @@ class PartitionError(FakeConsumer):
 
 def test_a_cancellation_while_the_check_fails_still_rewinds() -> None:
     consumer = PartitionError([msgs(0, 1)])
-    w = HeldWorld(consumer, lambda messages: None, cancel_during="committed")
+    w = HeldWorld(consumer, lambda messages: None, cancel_during=["committed"])
     with pytest.raises(asyncio.CancelledError):
         w.run()
     assert (0, 0) in consumer.seeks
@@ -383,6 +384,65 @@ def test_an_outage_during_the_dead_letter_transaction_is_retried() -> None:
     w = DeadLetterOutage(FakeConsumer([msgs(0), msgs(0)]), poison_at(0))
     stats = w.run(max_attempts=1, dead_letter_topic="dlq")
     assert len(w.letters) == 2 and stats.dead_lettered == 1 and stats.retries == 1
+
+
+def test_a_second_cancellation_during_the_guard_still_rewinds() -> None:
+    consumer = FakeConsumer([msgs(5, 6)], group={0: 5, 1: 7})
+    w = HeldWorld(consumer, lambda messages: None, cancel_during=["consume", "assignment"])
+    with pytest.raises(asyncio.CancelledError):
+        w.run()
+    assert sorted(consumer.seeks) == [(0, 5), (1, 7)]
+
+
+def test_a_long_outage_does_not_end_the_loop() -> None:
+    """1100 back-offs in a row (about 90 minutes of an outage at 5 s each)."""
+    lost = psycopg.OperationalError("server closed the connection unexpectedly")
+
+    def outcome(messages: Sequence[Message]) -> None:
+        raise lost
+
+    w = World(FakeConsumer([msgs(0) for _ in range(1100)]), outcome)
+    stats = w.run()
+    assert stats.retries == 1100 and max(w.slept) == 5.0
+
+
+@dataclass
+class JumpsAhead(FakeConsumer):
+    """A rebalance before the second batch, and partition 0's offset lookup fell back to
+    ``auto.offset.reset=latest``: it reads from 15 although the group committed 10. Sent
+    back to 10, it hands over 15 again (10-14 were control records or aborted ones)."""
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        if len(self.batches) == 2:
+            self.generation += 1
+        return super().consume(num_messages, timeout)
+
+
+def test_a_partition_that_starts_above_the_committed_offset_is_sent_back_once() -> None:
+    consumer = JumpsAhead([msgs(*range(10)), msgs(15, 16), msgs(15, 16)])
+    w = World(consumer, lambda messages: None)
+    w.run()
+    assert consumer.seeks == [(0, 10)]
+    assert w.ran == [list(range(10)), [15, 16]]  # a true gap costs one fetch more
+
+
+@dataclass
+class RecreatedSlowly(FakeConsumer):
+    """Before the second batch the topic was deleted and created again (the group has no
+    offset of it) and the check's question to Kafka times out."""
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        if len(self.batches) == 1:
+            self.group.pop(0, None)
+            self.generation += 1
+        return super().consume(num_messages, timeout)
+
+
+def test_a_topic_created_again_is_not_rewound_past_its_start() -> None:
+    consumer = RecreatedSlowly([msgs(*range(10)), msgs(0, 1, 2)], committed_fails={2})
+    w = World(consumer, lambda messages: None)
+    w.run()
+    assert consumer.seeks == [(0, 0)]
 
 
 def test_handler_failures_tell_an_outage_from_the_handlers_own_failure() -> None:
