@@ -108,6 +108,20 @@ ConsumeEffect = Blocking | Sleep | Execute | Transact
 _Flow = Generator[ConsumeEffect, Any, T]
 
 
+def _partition(m: Message) -> tuple[str, int]:
+    return str(m.topic()), int(m.partition() or 0)
+
+
+def _offset_range(messages: Sequence[Message]) -> dict[tuple[str, int], tuple[int, int]]:
+    """Per partition, the lowest and the highest offset of ``messages``."""
+    found: dict[tuple[str, int], tuple[int, int]] = {}
+    for m in messages:
+        key, offset = _partition(m), int(m.offset() or 0)
+        low, high = found.get(key, (offset, offset))
+        found[key] = (min(low, offset), max(high, offset))
+    return found
+
+
 class HandlerFailed(Exception):
     """The handler raised ``cause``: the batch's own failure."""
 
@@ -241,12 +255,9 @@ class ConsumeLoop:
         or after a rebalance (:meth:`_follow_rebalances`)."""
         if not read:
             return read
-        first: dict[tuple[str, int], int] = {}
-        last: dict[tuple[str, int], int] = {}
-        for m in read:
-            key, offset = (str(m.topic()), int(m.partition() or 0)), int(m.offset() or 0)
-            first[key] = min(first.get(key, offset), offset)
-            last[key] = max(last.get(key, offset), offset)
+        spans = _offset_range(read)
+        first = {key: low for key, (low, _) in spans.items()}
+        last = {key: high for key, (_, high) in spans.items()}
         ask = [key for key, offset in first.items()
                if key not in self.position or offset < self.position[key]]
         if ask:
@@ -282,8 +293,8 @@ class ConsumeLoop:
                     self.consumer.seek, TopicPartition(key[0], key[1], offset)))
             except KafkaException:
                 ahead[key] = -1  # no longer assigned
-        batch = [m for m in read if (key := (str(m.topic()), int(m.partition() or 0)))
-                 not in ahead and int(m.offset() or 0) >= self.committed.get(key, 0)]
+        batch = [m for m in read if (key := _partition(m)) not in ahead
+                 and int(m.offset() or 0) >= self.committed.get(key, 0)]
         self.position.update((key, offset + 1) for key, offset in last.items())
         for key, offset in ahead.items():
             if offset >= 0:
@@ -338,7 +349,7 @@ class ConsumeLoop:
         assignment = yield Blocking(self.consumer.assignment)
         fallback: dict[tuple[str, int], int | None] = {
             (tp.topic, tp.partition): None for tp in assignment}
-        fallback.update(self._first_offsets(read))
+        fallback.update((key, low) for key, (low, _) in _offset_range(read).items())
         self.position.clear()
         yield Blocking(functools.partial(rewind, self.consumer, fallback, self.kafka_timeout,
                                          self._extra()))
@@ -415,8 +426,7 @@ class ConsumeLoop:
 
     def _committed(self, part: Sequence[Message]) -> None:
         for m in part:
-            self._known_committed((str(m.topic()), int(m.partition() or 0)),
-                                  int(m.offset() or 0) + 1)
+            self._known_committed(_partition(m), int(m.offset() or 0) + 1)
 
     def _after_handler_failure(self, part: list[Message],
                                cause: BaseException) -> _Flow[list[list[Message]]]:
@@ -469,17 +479,10 @@ class ConsumeLoop:
         assigned = {(tp.topic, tp.partition) for tp in assignment}
         return [m for m in part if (m.topic(), m.partition()) in assigned]
 
-    def _first_offsets(self, messages: Sequence[Message]) -> dict[tuple[str, int], int]:
-        """Per partition, the lowest offset of ``messages`` not committed by this loop:
-        where to rewind to when the group's committed offsets cannot be read."""
-        first: dict[tuple[str, int], int] = {}
-        for m in messages:
-            key = (str(m.topic()), int(m.partition() or 0))
-            first[key] = min(first.get(key, int(m.offset() or 0)), int(m.offset() or 0))
-        return first
-
     def _rewind(self, messages: Sequence[Message]) -> _Flow[None]:
-        first = self._first_offsets(messages)
+        # Where to go when the group's committed offsets cannot be read: the batch's
+        # first offsets (what of them is committed, the next batch's check drops).
+        first = {key: low for key, (low, _) in _offset_range(messages).items()}
         for key in first:
             self.position.pop(key, None)
         yield Blocking(functools.partial(rewind, self.consumer, first, self.kafka_timeout,
